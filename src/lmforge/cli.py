@@ -1,0 +1,272 @@
+"""The `lmforge` command line: one subcommand per stage.
+
+Every stage takes ``--recipe NAME|PATH`` (a YAML file, or a name under ``recipes/<stage>/``)
+and ``key=value`` overrides that refine it (``train.lr=3e-4 model.n_layer=6``).
+User errors print one ``error: ...`` line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import typing
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import LmforgeError
+
+STAGES = """stages, in the order of a model's life:
+  quickstart        the whole job on embedded data (Tiny Shakespeare): tokenizer, data, pretrain, samples
+  tokenizer train   train a byte-level BPE or build a character tokenizer -> tokenizer.json
+  data prepare      text / JSONL / Parquet -> tokenized train/val shards
+  pretrain          train a GPT from scratch on prepared shards (next-token objective)
+  sample            generate text from a checkpoint
+  presets           list the named model shapes
+"""
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        return "|".join(map(str, typing.get_args(tp)))
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None)) + " or none"
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def describe_settings(cls: type, prefix: str = "") -> list[str]:
+    """One line per setting of a config dataclass (nested sections flattened)."""
+    lines: list[str] = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(tp):
+            lines += describe_settings(tp, key + ".")
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        lines.append(f"  {key} ({_type_name(tp)}, default {default!r})")
+    return lines
+
+
+def _recipes(stage: str) -> str:
+    from .paths import recipes_dir
+
+    names = sorted(p.stem for p in (recipes_dir() / stage).glob("*.yaml"))
+    return ", ".join(names) or "none"
+
+
+def _stage_parser(sub, name: str, stage: str, cls: type, help_: str, extra: Callable | None = None):
+    epilog = f"recipes: {_recipes(stage)}\n\nsettings (key=value):\n" + "\n".join(describe_settings(cls))
+    p = sub.add_parser(name, help=help_, description=help_, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", help=f"YAML recipe: a path or a name under recipes/{stage}/")
+    if extra:
+        extra(p)
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="settings that refine the recipe")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .data.prepare import DataPrepareConfig
+    from .tokenizer.train import TokenizerTrainConfig
+    from .train.pretrain import PretrainConfig
+
+    parser = argparse.ArgumentParser(
+        prog="lmforge",
+        description="lmforge: from raw text to your own language model and chatbot.",
+        epilog=STAGES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"lmforge {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="STAGE")
+
+    q = sub.add_parser(
+        "quickstart",
+        help="the whole job on embedded Tiny Shakespeare, then samples",
+        description="Build a char tokenizer, prepare Tiny Shakespeare, pretrain the default recipe and print samples.",
+        epilog="overrides refine the pretrain recipe, e.g. train.max_steps=200",
+    )
+    q.add_argument("--out", default="runs/quickstart", help="run directory (default runs/quickstart)")
+    q.add_argument("--recipe", default="shakespeare-char", help="pretrain recipe (default shakespeare-char)")
+    q.add_argument("overrides", nargs="*", metavar="key=value")
+
+    tok = sub.add_parser("tokenizer", help="tokenizer stage").add_subparsers(dest="action", metavar="ACTION")
+    _stage_parser(tok, "train", "tokenizer", TokenizerTrainConfig, "train a BPE or build a char tokenizer")
+
+    data = sub.add_parser("data", help="data stage").add_subparsers(dest="action", metavar="ACTION")
+    _stage_parser(data, "prepare", "data", DataPrepareConfig, "tokenize a corpus into train/val token shards")
+
+    _stage_parser(
+        sub,
+        "pretrain",
+        "pretrain",
+        PretrainConfig,
+        "train a GPT from scratch on prepared shards",
+        lambda p: p.add_argument("--resume", action="store_true", help="continue from out_dir's newest checkpoint"),
+    )
+
+    s = sub.add_parser("sample", help="generate text from a checkpoint", description="Generate text from a checkpoint.")
+    s.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its newest checkpoint)")
+    s.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    s.add_argument("--num-samples", type=int, default=1)
+    s.add_argument("--max-new-tokens", type=int, default=200)
+    s.add_argument("--temperature", type=float, default=0.8)
+    s.add_argument("--top-k", type=int, default=200)
+    s.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--device", default="cpu")
+
+    sub.add_parser("presets", help="list the named model shapes")
+    return parser
+
+
+# ---- stage handlers ---------------------------------------------------------------------
+def cmd_tokenizer_train(args) -> None:
+    from .config import load_config
+    from .tokenizer.train import TokenizerTrainConfig, run_train
+
+    run_train(load_config(TokenizerTrainConfig, "tokenizer", args.recipe, args.overrides))
+
+
+def cmd_data_prepare(args) -> None:
+    from .config import load_config
+    from .data.prepare import DataPrepareConfig, run_prepare
+
+    run_prepare(load_config(DataPrepareConfig, "data", args.recipe, args.overrides))
+
+
+def _report_fit(result, out_dir: str) -> None:
+    if os.environ.get("RANK", "0") != "0":
+        return
+    final = "  ".join(f"{k} {v:.4f}" for k, v in result.final.items())
+    print(
+        f"done: {result.steps} steps in {result.wall_s:.1f} s ({result.tokens_per_s:,.0f} tokens/s), "
+        f"peak RSS {result.peak_rss_mib:,.0f} MiB\n  {final}\n  checkpoint: {result.checkpoint}"
+    )
+
+
+def cmd_pretrain(args) -> None:
+    from .config import load_config
+    from .train.pretrain import PretrainConfig, run_pretrain
+
+    cfg = load_config(PretrainConfig, "pretrain", args.recipe, args.overrides)
+    _report_fit(run_pretrain(cfg, resume=args.resume), cfg.out_dir)
+
+
+def print_samples(ckpt: str, prompt: str, n: int, settings, device: str = "cpu") -> list[str]:
+    from .infer.sample import generate
+    from .tokenizer import Tokenizer
+    from .train.checkpoint import load_model
+
+    model, path = load_model(ckpt, device=device)
+    tok = Tokenizer.from_file(path / "tokenizer.json")
+    ids = tok.encode(prompt)
+    if not ids:
+        raise LmforgeError("the prompt is empty after tokenization")
+    if tok.unk_id is not None and tok.unk_id in ids:
+        raise LmforgeError("the prompt holds characters the tokenizer does not know")
+    texts = []
+    base_seed = settings.seed
+    for i in range(n):
+        if base_seed is not None:
+            settings.seed = base_seed + i
+        new = generate(model, ids, settings, stop_ids=(tok.eot_id,))
+        text = prompt + tok.decode(new, skip_special_tokens=True)
+        texts.append(text)
+        print(f"--- sample {i + 1} ---\n{text}")
+    return texts
+
+
+def cmd_sample(args) -> None:
+    from .infer.sample import SampleSettings
+
+    if args.num_samples < 1:
+        raise LmforgeError(f"--num-samples must be at least 1, got {args.num_samples}")
+    settings = SampleSettings(args.max_new_tokens, args.temperature, args.top_k, args.greedy, args.seed)
+    settings.validate()
+    print_samples(args.checkpoint, args.prompt, args.num_samples, settings, args.device)
+
+
+def cmd_presets(args) -> None:
+    import torch
+
+    from .config import from_dict
+    from .model.gpt import GPT, GPTConfig
+    from .model.presets import PRESETS
+
+    print(f"{'preset':<18}{'params':>10}  {'layers':>6} {'width':>6} {'heads':>6} {'kv':>4}  shape")
+    for name in PRESETS:
+        cfg = from_dict(GPTConfig, {"preset": name, **({} if "vocab_size" in PRESETS[name] else {"vocab_size": 65})})
+        with torch.device("meta"):
+            n = GPT(cfg).num_params()
+        shape = f"{cfg.pos_embedding}/{cfg.norm}/{cfg.mlp}{'/tied' if cfg.tie_embeddings else ''}"
+        print(f"{name:<18}{n / 1e6:>9.1f}M  {cfg.n_layer:>6} {cfg.n_embd:>6} {cfg.n_head:>6} {cfg.n_kv_head:>4}  {shape}")
+
+
+def cmd_quickstart(args) -> None:
+    from .data.prepare import DataPrepareConfig, run_prepare
+    from .infer.sample import SampleSettings
+    from .paths import embedded_data_dir
+    from .tokenizer.train import TokenizerTrainConfig, run_train
+    from .config import load_config
+    from .train.pretrain import PretrainConfig, run_pretrain
+
+    out = Path(args.out)
+    corpus = str(embedded_data_dir() / "tinyshakespeare.txt")
+    print(f"[1/4] tokenizer: characters of {corpus}")
+    run_train(TokenizerTrainConfig(inputs=[corpus], kind="char", out=str(out / "tokenizer")))
+    print("[2/4] data: tokenize, last 10% held out")
+    run_prepare(
+        DataPrepareConfig(
+            inputs=[corpus], tokenizer=str(out / "tokenizer"), out=str(out / "data"), val_split="tail", add_eot=False
+        )
+    )
+    print(f"[3/4] pretrain: recipe {args.recipe}")
+    base = [f"data={out / 'data'}", f"out_dir={out / 'model'}", "overwrite=true"]
+    cfg = load_config(PretrainConfig, "pretrain", args.recipe, base + list(args.overrides))
+    result = run_pretrain(cfg)
+    _report_fit(result, cfg.out_dir)
+    print("[4/4] samples")
+    print_samples(str(out / "model"), "ROMEO:", 2, SampleSettings(max_new_tokens=300, seed=0))
+
+
+HANDLERS: dict[tuple[str, str | None], Callable] = {
+    ("quickstart", None): cmd_quickstart,
+    ("tokenizer", "train"): cmd_tokenizer_train,
+    ("data", "prepare"): cmd_data_prepare,
+    ("pretrain", None): cmd_pretrain,
+    ("sample", None): cmd_sample,
+    ("presets", None): cmd_presets,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    action = getattr(args, "action", None)
+    handler = HANDLERS.get((args.command, action))
+    if handler is None:
+        parser.parse_args([args.command, "--help"])
+        return 2
+    try:
+        handler(args)
+    except LmforgeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

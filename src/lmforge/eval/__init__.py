@@ -1,0 +1,1 @@
+"""Evaluation: perplexity and bits per byte (more tasks arrive with the evaluation stage)."""

@@ -1,0 +1,301 @@
+"""The one model: a decoder-only Transformer covering the GPT-2 and Llama families.
+
+Every architectural choice is a field of :class:`GPTConfig`: learned or rotary positions,
+LayerNorm or RMSNorm, GELU / SwiGLU / ReLU² MLPs, multi-head, grouped-query or multi-query
+attention, tied or untied embeddings, optional biases and QK-norm, dropout.
+
+Module names follow the Llama convention of Hugging Face (``embed_tokens``, ``layers.N``,
+``attn.o_proj``, ``mlp.down_proj``, ``norm``, ``lm_head``) so that importing a Hugging Face
+state dict is a key map. Two projections are fused for speed on small shapes, where kernel
+launches dominate: ``attn.qkv_proj`` (= q_proj|k_proj|v_proj, GPT-2's ``c_attn``) and, for
+SwiGLU, ``mlp.gate_up_proj`` (= gate_proj|up_proj); an importer concatenates those rows.
+
+Rotary embeddings use the Hugging Face "rotate half" layout (first half of each head
+pairs with the second half), so Llama-family HF weights load without permutation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .presets import get_preset
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50304
+    context_length: int = 1024
+    n_layer: int = 12
+    n_head: int = 12
+    n_kv_head: int | None = None  # None: = n_head (MHA); 1: MQA; in between: GQA
+    n_embd: int = 768
+    head_dim: int | None = None  # None: n_embd // n_head
+    intermediate_size: int | None = None  # None: 4*n_embd (gelu/relu2), ~8/3*n_embd rounded (swiglu)
+    pos_embedding: Literal["learned", "rope", "none"] = "learned"
+    rope_theta: float = 10000.0
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    norm_eps: float = 1e-5
+    mlp: Literal["gelu", "gelu_tanh", "swiglu", "relu2"] = "gelu"
+    bias: bool = True  # biases in linear layers and LayerNorm
+    qkv_bias: bool | None = None  # None: follows `bias` (Qwen2: true with bias false)
+    qk_norm: bool = False
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    init_std: float = 0.02
+
+    __presets__ = staticmethod(get_preset)
+
+    def __post_init__(self) -> None:
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.head_dim is None:
+            if self.n_embd % self.n_head:
+                raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+            self.head_dim = self.n_embd // self.n_head
+        if self.intermediate_size is None:
+            if self.mlp == "swiglu":
+                hidden = int(8 * self.n_embd / 3)
+                self.intermediate_size = 64 * ((hidden + 63) // 64)
+            else:
+                self.intermediate_size = 4 * self.n_embd
+        if self.qkv_bias is None:
+            self.qkv_bias = self.bias
+        for name in ("vocab_size", "context_length", "n_layer", "n_head", "n_embd"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
+        if self.pos_embedding == "rope" and self.head_dim % 2:
+            raise ValueError(f"rotary embeddings need an even head_dim, got {self.head_dim}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def make_norm(cfg: GPTConfig, dim: int | None = None) -> nn.Module:
+    dim = dim or cfg.n_embd
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(dim, cfg.norm_eps)
+    return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+def rope_tables(head_dim: int, length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    freqs = torch.outer(torch.arange(length, dtype=torch.float64), inv_freq)
+    emb = torch.cat([freqs, freqs], dim=-1)  # (T, head_dim), HF rotate-half layout
+    return emb.cos().float(), emb.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, H, T, D); cos/sin: (T, D)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+AttentionImpl = Literal["auto", "sdpa", "math"]
+
+
+def use_math_attention(impl: AttentionImpl, q: torch.Tensor) -> bool:
+    """``auto`` picks plain matmul attention under CPU bf16 autocast for contexts up to 1024.
+
+    Measured on an AVX512-BF16 CPU (torch 2.13): PyTorch's bf16 flash-attention backward is
+    4x slower than fp32 at T=64 and slower than bf16 matmuls at T=256, while matmul
+    attention runs on the fast bf16 GEMMs. Elsewhere sdpa (flash / memory-efficient) wins.
+    """
+    if impl != "auto":
+        return impl == "math"
+    return q.device.type == "cpu" and torch.is_autocast_enabled("cpu") and q.shape[-2] <= 1024
+
+
+def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> torch.Tensor:
+    T, S = q.shape[-2], k.shape[-2]
+    att = torch.matmul(q, k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)
+    mask = torch.ones(T, S, dtype=torch.bool, device=q.device).triu_(S - T + 1)
+    att = att.float().masked_fill_(mask, float("-inf")).softmax(dim=-1).to(v.dtype)
+    if dropout:
+        att = F.dropout(att, p=dropout)
+    return torch.matmul(att, v)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        q_dim, kv_dim = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
+        self.split = (q_dim, kv_dim, kv_dim)
+        self.qkv_proj = nn.Linear(cfg.n_embd, q_dim + 2 * kv_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(q_dim, cfg.n_embd, bias=cfg.bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+        self.dropout = cfg.dropout
+        self.impl: AttentionImpl = "auto"
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+        q = q.view(B, T, self.n_head, self.head_dim)
+        k = k.view(B, T, self.n_kv_head, self.head_dim)
+        v = v.view(B, T, self.n_kv_head, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if rope is not None:
+            cos, sin = rope
+            q, k = apply_rope(q, cos[:T], sin[:T]), apply_rope(k, cos[:T], sin[:T])
+        if self.n_kv_head != self.n_head:
+            rep = self.n_head // self.n_kv_head
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        dropout = self.dropout if self.training else 0.0
+        if use_math_attention(self.impl, q):
+            y = math_attention(q, k, v, dropout)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
+        return self.resid_dropout(self.o_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.kind = cfg.mlp
+        hidden = cfg.intermediate_size
+        if cfg.mlp == "swiglu":
+            self.gate_up_proj = nn.Linear(cfg.n_embd, 2 * hidden, bias=cfg.bias)
+        else:
+            self.up_proj = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
+        self.down_proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "swiglu":
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        elif self.kind == "relu2":
+            h = F.relu(self.up_proj(x)).square()
+        else:
+            h = F.gelu(self.up_proj(x), approximate="tanh" if self.kind == "gelu_tanh" else "none")
+        return self.dropout(self.down_proj(h))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.attn_norm = make_norm(cfg)
+        self.attn = Attention(cfg)
+        self.mlp_norm = make_norm(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rope)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        if cfg.pos_embedding == "learned":
+            self.embed_positions = nn.Embedding(cfg.context_length, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = make_norm(cfg)
+        if not cfg.tie_embeddings:
+            self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.pos_embedding == "rope":
+            cos, sin = rope_tables(cfg.head_dim, cfg.context_length, cfg.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    # ---- initialisation -------------------------------------------------------------
+    def reset_parameters(self) -> None:
+        """GPT-2 init: N(0, 0.02) weights, zero biases, residual projections scaled by 1/sqrt(2L)."""
+        std = self.config.init_std
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                s = std / math.sqrt(2 * self.config.n_layer) if name.endswith(("o_proj", "down_proj")) else std
+                nn.init.normal_(module.weight, mean=0.0, std=s)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, (nn.LayerNorm, RMSNorm)):
+                nn.init.ones_(module.weight)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+
+    # ---- forward ----------------------------------------------------------------------
+    def output_weight(self) -> torch.Tensor:
+        return self.embed_tokens.weight if self.config.tie_embeddings else self.lm_head.weight
+
+    def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
+        """Final normalised hidden states (B, T, n_embd) for token ids (B, T)."""
+        T = idx.shape[1]
+        if T > self.config.context_length:
+            raise ValueError(f"sequence length {T} exceeds context_length {self.config.context_length}")
+        x = self.embed_tokens(idx)
+        if self.config.pos_embedding == "learned":
+            x = x + self.embed_positions(torch.arange(T, device=idx.device))
+        x = self.drop(x)
+        rope = (self.rope_cos, self.rope_sin) if self.config.pos_embedding == "rope" else None
+        for layer in self.layers:
+            x = layer(x, rope)
+        return self.norm(x)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab) without targets; the mean next-token loss with them.
+
+        ``targets`` uses -100 for positions that carry no loss (prompt tokens, padding).
+        """
+        h = self.hidden_states(idx)
+        logits = F.linear(h, self.output_weight())
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+
+    # ---- accounting -------------------------------------------------------------------
+    def num_params(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.embed_tokens.weight.numel()
+            if self.config.pos_embedding == "learned":
+                n -= self.embed_positions.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token (forward + backward): 6N + 12·L·H·D·T (PaLM appendix B)."""
+        c = self.config
+        T = seq_len or c.context_length
+        n = self.num_params(non_embedding=True)
+        if c.tie_embeddings:
+            n += self.embed_tokens.weight.numel()  # the output projection is a matmul
+        return 6.0 * n + 12.0 * c.n_layer * c.n_head * c.head_dim * T
+
+
+def build_model(cfg: GPTConfig) -> GPT:
+    return GPT(cfg)
+
+
+def with_vocab(cfg: GPTConfig, vocab_size: int) -> GPTConfig:
+    return replace(cfg, vocab_size=vocab_size)

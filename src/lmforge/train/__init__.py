@@ -1,0 +1,1 @@
+"""Training: one engine (engine.py) shared by every objective (objectives/)."""

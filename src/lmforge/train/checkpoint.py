@@ -1,0 +1,198 @@
+"""Checkpoints: safetensors weights + JSON config + tokenizer.json (+ training state).
+
+A checkpoint is a directory::
+
+    model.safetensors      weights (no pickle anywhere: safe to load from strangers)
+    config.json            {"format": "lmforge", "model": {GPTConfig fields}, ...}
+    tokenizer.json         the Hugging Face tokenizers file
+    optimizer.safetensors  optimizer tensors and RNG states         (training checkpoints only)
+    trainer_state.json     step, data position, optimizer scalars    (training checkpoints only)
+
+It is written to a temporary sibling directory and renamed into place, so a crash
+mid-write never leaves a half checkpoint under the final name. A run directory keeps
+them as ``checkpoints/step_NNNNNNN``; anything that takes a checkpoint also accepts
+the run directory and picks its newest one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .. import __version__
+from ..config import from_dict, to_dict
+from ..errors import LmforgeError
+from ..model.gpt import GPT, GPTConfig
+
+STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain module under DDP and torch.compile wrappers."""
+    while True:
+        if hasattr(model, "module"):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+
+
+def _flatten_optimizer(states: list[dict]) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    tensors: dict[str, torch.Tensor] = {}
+    meta: list[dict] = []
+    for i, sd in enumerate(states):
+        scalars: dict[str, dict[str, Any]] = {}
+        keys: dict[str, list[str]] = {}
+        for pid, st in sd["state"].items():
+            keys[str(pid)] = list(st)
+            for k, v in st.items():
+                if torch.is_tensor(v):
+                    tensors[f"optim.{i}.{pid}.{k}"] = v.detach().contiguous().cpu()
+                else:
+                    scalars.setdefault(str(pid), {})[k] = v
+        meta.append({"param_groups": sd["param_groups"], "keys": keys, "scalars": scalars})
+    return tensors, meta
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: list[dict]) -> list[dict]:
+    states = []
+    for i, m in enumerate(meta):
+        state: dict[int, dict[str, Any]] = {}
+        for pid, keys in m["keys"].items():
+            st = {}
+            for k in keys:
+                name = f"optim.{i}.{pid}.{k}"
+                st[k] = tensors[name] if name in tensors else m["scalars"][pid][k]
+            state[int(pid)] = st
+        groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in m["param_groups"]]
+        states.append({"state": state, "param_groups": groups})
+    return states
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: torch.nn.Module,
+    tokenizer_file: str | Path | None,
+    *,
+    optimizer=None,
+    trainer_state: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write a checkpoint atomically to ``path`` (replacing one already there)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".tmp-{path.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    net = unwrap(model)
+    weights = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
+    save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    config = {"format": "lmforge", "lmforge_version": __version__, "model": to_dict(net.config), **(extra or {})}
+    _write_json(tmp / "config.json", config)
+    if tokenizer_file is not None:
+        shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
+    if optimizer is not None:
+        tensors, meta = _flatten_optimizer(optimizer.state_dicts())
+        tensors["rng.cpu"] = torch.get_rng_state()
+        if torch.cuda.is_available():
+            for i, s in enumerate(torch.cuda.get_rng_state_all()):
+                tensors[f"rng.cuda.{i}"] = s
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        _write_json(tmp / "trainer_state.json", {**(trainer_state or {}), "optimizer": meta})
+    old = None
+    if path.exists():
+        old = path.parent / f".old-{path.name}-{os.getpid()}"
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old is not None:
+        shutil.rmtree(old)
+    return path
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    ckdir = Path(run_dir) / "checkpoints"
+    if not ckdir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in ckdir.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory, or a run directory (its newest checkpoint)."""
+    p = Path(path)
+    if not p.exists():
+        raise LmforgeError(f"checkpoint not found: {path}")
+    if (p / "model.safetensors").is_file():
+        return p
+    found = list_checkpoints(p)
+    if found:
+        return found[-1]
+    raise LmforgeError(f"{path} holds no checkpoint (expected model.safetensors or checkpoints/step_*)")
+
+
+def read_config(ckpt: Path) -> dict[str, Any]:
+    try:
+        cfg = json.loads((ckpt / "config.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LmforgeError(f"{ckpt} has no config.json") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LmforgeError(f"{ckpt}/config.json is not valid JSON: {e}") from None
+    if not isinstance(cfg, dict) or "model" not in cfg:
+        raise LmforgeError(f"{ckpt}/config.json is not an lmforge config (no 'model' section)")
+    return cfg
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Path]:
+    """The model of a checkpoint (or of a run's newest checkpoint) and the resolved path."""
+    ckpt = resolve_checkpoint(path)
+    cfg = from_dict(GPTConfig, read_config(ckpt)["model"], "model")
+    try:
+        weights = load_file(str(ckpt / "model.safetensors"), device=str(device))
+    except (SafetensorError, OSError) as e:
+        raise LmforgeError(f"{ckpt}/model.safetensors cannot be read: {e}") from None
+    with torch.device("meta"):
+        model = GPT(cfg)
+    model = model.to_empty(device=device)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise LmforgeError(
+            f"{ckpt}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    if cfg.pos_embedding == "rope":  # non-persistent buffers are rebuilt, not stored
+        from ..model.gpt import rope_tables
+
+        cos, sin = rope_tables(cfg.head_dim, cfg.context_length, cfg.rope_theta)
+        model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
+    return model, ckpt
+
+
+def load_training_state(ckpt: Path, optimizer) -> dict[str, Any]:
+    """Restore optimizer and RNG state in place; return the trainer state (step, data position)."""
+    try:
+        state = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
+        tensors = load_file(str(ckpt / "optimizer.safetensors"))
+    except FileNotFoundError:
+        raise LmforgeError(f"{ckpt} is a weights-only checkpoint; it cannot resume training") from None
+    except (json.JSONDecodeError, SafetensorError, OSError) as e:
+        raise LmforgeError(f"{ckpt}: training state cannot be read: {e}") from None
+    optimizer.load_state_dicts(_unflatten_optimizer(tensors, state.pop("optimizer")))
+    torch.set_rng_state(tensors["rng.cpu"])
+    cuda_states = [tensors[k] for k in sorted(t for t in tensors if t.startswith("rng.cuda."))]
+    if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda_states)
+    return state
