@@ -17,6 +17,7 @@ pairs with the second half), so Llama-family HF weights load without permutation
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -123,11 +124,18 @@ def use_math_attention(impl: AttentionImpl, q: torch.Tensor) -> bool:
     return q.device.type == "cpu" and torch.is_autocast_enabled("cpu") and q.shape[-2] <= 1024
 
 
+@lru_cache(maxsize=16)
+def causal_bias(T: int, S: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Additive causal mask (T, S): 0 where query t may see key s, -inf above the diagonal."""
+    return torch.full((T, S), float("-inf"), dtype=dtype, device=device).triu_(S - T + 1)
+
+
 def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> torch.Tensor:
+    """Causal attention as two matmuls. Under bf16 the scores are already bf16 (the matmul's
+    output), and the CPU softmax kernel accumulates in fp32, so nothing is gained by upcasting."""
     T, S = q.shape[-2], k.shape[-2]
-    att = torch.matmul(q, k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)
-    mask = torch.ones(T, S, dtype=torch.bool, device=q.device).triu_(S - T + 1)
-    att = att.float().masked_fill_(mask, float("-inf")).softmax(dim=-1).to(v.dtype)
+    att = torch.matmul(q * (q.shape[-1] ** -0.5), k.transpose(-2, -1))
+    att = (att + causal_bias(T, S, att.dtype, att.device)).softmax(dim=-1)
     if dropout:
         att = F.dropout(att, p=dropout)
     return torch.matmul(att, v)

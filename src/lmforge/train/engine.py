@@ -9,6 +9,7 @@ evaluation, checkpoints and exact resume, logging, and DDP. An objective
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import shutil
@@ -133,7 +134,8 @@ class Engine:
         probe = "cuda" if cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
         self.dist = init_distributed(probe)
         self.device = resolve_device(cfg.device, self.dist)
-        threads = cfg.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads = cfg.threads or max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         if self.device.type == "cpu":
             torch.set_num_threads(threads)
         if cfg.deterministic:
@@ -232,7 +234,8 @@ class Engine:
         start = time.perf_counter()
         train_time = 0.0
         tokens_total = 0
-        loss_acc = torch.zeros(2, dtype=torch.float64)  # weighted loss, weight
+        loss_sum = torch.zeros((), device=self.device)  # weighted train loss since the last log (on device: no sync)
+        weight_sum = 0.0
         window_t0, window_tokens = time.perf_counter(), 0
         self.model.train()
         while self.step < cfg.max_steps:
@@ -252,9 +255,9 @@ class Engine:
                         loss, metrics = self.objective.loss(self.forward_model, batch)
                     scaled = loss * (weights[m] / total_w * dist.world_size)
                     (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-                loss_acc[0] += loss.detach().double().cpu() * weights[m]
+                loss_sum += loss.detach().float() * weights[m]
                 step_tokens += int(metrics.get("tokens", 0))
-            loss_acc[1] += total_w / dist.world_size
+            weight_sum += total_w
             if self.scaler:
                 for opt in self.optimizer.optimizers:
                     self.scaler.unscale_(opt)
@@ -276,11 +279,11 @@ class Engine:
 
             last = self.step == cfg.max_steps
             if self.step % cfg.log_interval == 0 or last:
-                all_reduce_sum(loss_acc, dist)
-                train_loss = (loss_acc[0] / loss_acc[1]).item()
-                if not torch.isfinite(torch.tensor(train_loss)):
+                train_loss = all_reduce_sum(loss_sum.double().cpu().reshape(1), dist).item() / weight_sum
+                if not math.isfinite(train_loss):
                     raise LmforgeError(f"training diverged at step {self.step} (loss {train_loss}); lower train.lr")
-                loss_acc.zero_()
+                loss_sum.zero_()
+                weight_sum = 0.0
                 elapsed = time.perf_counter() - window_t0
                 tps = window_tokens / max(elapsed, 1e-9)
                 row = {"loss": train_loss, "lr": cfg.lr * lr_mult, "tokens_per_s": tps}

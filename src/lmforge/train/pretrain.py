@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -26,7 +27,7 @@ class PretrainConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
     pad_vocab_to: int = 1  # round the tokenizer's vocabulary up to a multiple (64 speeds up GPUs)
-    overwrite: bool = False  # allow starting afresh in an out_dir that holds checkpoints
+    overwrite: bool = False  # start afresh in an out_dir that holds checkpoints (deletes them and its logs)
 
 
 def model_config_for_data(cfg: PretrainConfig) -> GPTConfig:
@@ -64,6 +65,12 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> FitResult:
         if engine.dist.is_main:
             print(f"resuming from {ckpt} (step {engine.step})")
     if engine.dist.is_main:
+        if not resume and cfg.overwrite:
+            # Starting afresh: the old run's checkpoints would pass for this run's newest (and be
+            # resumed or sampled from), and its metrics would mix with this run's.
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)
+            (out / "metrics.jsonl").unlink(missing_ok=True)
+            shutil.rmtree(out / "tb", ignore_errors=True)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
     return engine.fit()

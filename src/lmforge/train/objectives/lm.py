@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ...data.shards import load_meta, open_split
-from ...errors import DataError
+from ...errors import ConfigError, DataError
 from ...eval.perplexity import bits_per_byte, token_byte_lengths
 from ...tokenizer import Tokenizer
 from ..distributed import DistInfo, all_reduce_sum
@@ -32,6 +32,11 @@ class LMObjective(Objective):
         self.data_dir = Path(data_dir)
         self.context_length = context_length
         self.eval_tokens = eval_tokens
+        if 0 < eval_tokens < context_length:  # no whole window to evaluate: val_loss would read 0
+            raise ConfigError(
+                f"train.eval_tokens={eval_tokens} is less than one window of context_length={context_length} "
+                f"tokens; use 0 (no evaluation) or at least {context_length}"
+            )
         self.meta = load_meta(self.data_dir)
         self.train = open_split(self.data_dir, "train")
         self.val = open_split(self.data_dir, "val")

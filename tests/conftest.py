@@ -1,0 +1,80 @@
+"""Shared fixtures: a tiny prepared character dataset and the settings of a tiny model.
+
+Everything here is sized for a 2-core machine: a 20,000-character slice of Tiny
+Shakespeare, a 2-layer 32-wide model with a 16-token context, one CPU thread.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmforge.data import DataPrepareConfig, run_prepare
+from lmforge.paths import embedded_data_dir
+from lmforge.tokenizer import TokenizerTrainConfig, run_train
+
+SHAKESPEARE = embedded_data_dir() / "tinyshakespeare.txt"
+
+# One intra-op thread: the shapes are tiny, and on a busy 2-core machine a second OpenMP
+# thread spin-waiting for a core makes a 1 ms op take a second.
+torch.set_num_threads(1)
+
+#: A tiny GPT and quiet, single-threaded, fp32 training: append the run-specific settings.
+TINY_PRETRAIN = [
+    "model.n_layer=2",
+    "model.n_head=2",
+    "model.n_embd=32",
+    "model.context_length=16",
+    "train.micro_batch_size=8",
+    "train.log_interval=1",
+    "train.warmup_steps=2",
+    "train.eval_interval=0",
+    "train.eval_tokens=512",
+    "train.threads=1",
+    "train.precision=fp32",
+    "train.device=cpu",
+    "log.console=false",
+    "log.tensorboard=false",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A prepared char-level dataset (18,000 train / 2,000 val tokens, no EOT) via the stage APIs."""
+    root = tmp_path_factory.mktemp("tiny-data")
+    corpus = root / "corpus.txt"
+    corpus.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:20_000], encoding="utf-8")
+    run_train(TokenizerTrainConfig(inputs=[str(corpus)], kind="char", out=str(root / "tok")), verbose=False)
+    run_prepare(
+        DataPrepareConfig(
+            inputs=[str(corpus)],
+            tokenizer=str(root / "tok"),
+            out=str(root / "data"),
+            val_split="tail",
+            add_eot=False,
+            num_proc=1,
+        ),
+        verbose=False,
+    )
+    return root / "data"
+
+
+def read_metrics(run_dir: Path, kind: str = "train") -> list[dict]:
+    """The rows of ``metrics.jsonl`` of one kind (``train`` or ``eval``), in file order."""
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["kind"] == kind]
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained weights-only checkpoint (model + config + tokenizer) over ``tiny_data``'s vocabulary."""
+    from lmforge.model.gpt import GPT, GPTConfig
+    from lmforge.train.checkpoint import save_checkpoint
+
+    vocab = json.loads((tiny_data / "meta.json").read_text())["vocab_size"]
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=vocab, context_length=16, n_layer=2, n_head=2, n_embd=32, init_std=0.2))
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "model", model, tiny_data / "tokenizer.json")
