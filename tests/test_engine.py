@@ -177,10 +177,10 @@ def test_checkpoint_files_pruning_and_load_model(tiny_data: Path, tmp_path: Path
     assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]  # no temporaries left
     ckpt = run / "checkpoints/step_0000006"
     assert {p.name for p in ckpt.iterdir()} == CHECKPOINT_FILES
-    # no pickle anywhere: every file of the run is safetensors, JSON or YAML, and each one parses as such
+    # no pickle anywhere: every file of the run is safetensors, JSON, YAML or the PNG plot, and each one parses
     for path in run.rglob("*"):
         if path.is_file():
-            assert path.suffix in (".safetensors", ".json", ".jsonl", ".yaml"), path
+            assert path.suffix in (".safetensors", ".json", ".jsonl", ".yaml", ".png"), path
             if path.suffix == ".safetensors":
                 assert load_file(str(path))
             elif path.suffix == ".json":

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -41,7 +41,7 @@ from ..errors import ConfigError, DataError, LmforgeError
 from ..fileio import atomic_copy, atomic_write_json
 from ..tokenizer.base import TOKENIZER_FILE, Tokenizer
 from .shards import META_FILE, SHARDS_FORMAT, ShardWriter, shard_dtype
-from .sources import DocumentStream, RejectsWriter, no_documents_error
+from .sources import RejectsWriter, SourceConfig, no_documents_error
 
 AUTO_TAIL_MAX_DOCS = 100  # val_split=auto uses the tail split below this many documents
 REJECTS_FILE = "rejects.jsonl"
@@ -50,13 +50,9 @@ _COPY_CHUNK_TOKENS = 1 << 24
 
 
 @dataclass
-class DataPrepareConfig:
-    """Settings of ``lmforge data prepare``."""
+class DataPrepareConfig(SourceConfig):
+    """Settings of ``lmforge data prepare`` (the source settings, then these)."""
 
-    inputs: list[str] = field(default_factory=list)  # files, directories or globs
-    format: Literal["auto", "text", "jsonl", "parquet"] = "auto"
-    text_field: str = "text"  # JSONL key / Parquet column holding the text
-    text_unit: Literal["file", "paragraph", "line"] = "file"  # what one document of a text file is
     tokenizer: str = "runs/tokenizer"  # tokenizer.json, or the directory holding it
     out: str = "runs/data"
     val_fraction: float = 0.1
@@ -64,15 +60,13 @@ class DataPrepareConfig:
     shard_tokens: int = 100_000_000  # max tokens per shard file
     num_proc: int = 0  # tokenizer processes; 0 = one per CPU core (in-process below 100 documents)
     batch_docs: int = 1000  # documents per task sent to a process
-    max_documents: int | None = None
     write_rejects: bool = False  # write rejected records to <out>/rejects.jsonl
     seed: int = 0  # salts the document-split hash
     add_eot: bool = True  # put <|endoftext|> after every document
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` for settings that cannot work, before reading any data."""
-        if not self.inputs:
-            raise ConfigError("no inputs given: set inputs to data files, directories or globs (inputs=data/my.txt)")
+        super().validate()
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         for name in ("shard_tokens", "batch_docs"):
@@ -80,8 +74,6 @@ class DataPrepareConfig:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.num_proc < 0:
             raise ConfigError(f"num_proc must be 0 (one per core) or more, got {self.num_proc}")
-        if self.max_documents is not None and self.max_documents < 1:
-            raise ConfigError(f"max_documents must be at least 1 (or none), got {self.max_documents}")
 
 
 def document_in_val(text: str, val_fraction: float, seed: int = 0) -> bool:
@@ -286,14 +278,7 @@ def run_prepare(cfg: DataPrepareConfig, verbose: bool = True) -> dict[str, Any]:
     rejects: RejectsWriter | None = None
     try:
         rejects = RejectsWriter(staging / REJECTS_FILE) if cfg.write_rejects else None
-        stream = DocumentStream(
-            cfg.inputs,
-            format=cfg.format,
-            text_field=cfg.text_field,
-            text_unit=cfg.text_unit,
-            max_documents=cfg.max_documents,
-            rejects=rejects,
-        )
+        stream = cfg.stream(rejects)
         docs = iter(stream)
         head = list(itertools.islice(docs, AUTO_TAIL_MAX_DOCS))
         if not head:

@@ -336,6 +336,34 @@ class DocumentStream:
                     yield row, value
 
 
+@dataclass
+class SourceConfig:
+    """Where a stage reads its documents: the settings shared by every stage that reads corpora."""
+
+    inputs: list[str] = field(default_factory=list)  # files, directories or globs
+    format: Format = "auto"
+    text_field: str = "text"  # JSONL key / Parquet column holding the text
+    text_unit: TextUnit = "file"  # what one document of a text file is
+    max_documents: int | None = None
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` for source settings that cannot work, before reading any data."""
+        if not self.inputs:
+            raise ConfigError("no inputs given: set inputs to data files, directories or globs (inputs=data/my.txt)")
+        if self.max_documents is not None and self.max_documents < 1:
+            raise ConfigError(f"max_documents must be at least 1 (or none), got {self.max_documents}")
+
+    def stream(self, rejects: RejectsWriter | None = None) -> DocumentStream:
+        return DocumentStream(
+            self.inputs,
+            format=self.format,
+            text_field=self.text_field,
+            text_unit=self.text_unit,
+            max_documents=self.max_documents,
+            rejects=rejects,
+        )
+
+
 def no_documents_error(stats: Stats, files: Sequence[Path]) -> DataError:
     """The error for a corpus that yielded nothing usable."""
     where = f"{len(files)} file{'s' if len(files) != 1 else ''}"

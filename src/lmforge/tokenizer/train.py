@@ -8,50 +8,35 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
-from ..errors import ConfigError
-from ..data.sources import DocumentStream, no_documents_error
+from ..data.sources import SourceConfig, no_documents_error
 from .base import DEFAULT_SPECIAL_TOKENS, TOKENIZER_FILE, Tokenizer, normalize_special_tokens
 from .bpe import check_bpe_settings, train_bpe
 from .char import build_char
 
 
 @dataclass
-class TokenizerTrainConfig:
-    """Settings of ``lmforge tokenizer train``."""
+class TokenizerTrainConfig(SourceConfig):
+    """Settings of ``lmforge tokenizer train`` (the source settings, then these)."""
 
-    inputs: list[str] = field(default_factory=list)  # files, directories or globs
-    format: Literal["auto", "text", "jsonl", "parquet"] = "auto"
-    text_field: str = "text"  # JSONL key / Parquet column holding the text
-    text_unit: Literal["file", "paragraph", "line"] = "file"  # what one document of a text file is
     kind: Literal["bpe", "char"] = "bpe"
     vocab_size: int = 8192  # BPE only: ids in all, special tokens included
     min_frequency: int = 2  # BPE only: the fewest occurrences for a merge
     special_tokens: list[str] = field(default_factory=lambda: list(DEFAULT_SPECIAL_TOKENS))
-    max_documents: int | None = None
     out: str = "runs/tokenizer"  # directory receiving tokenizer.json
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` for settings that cannot work, before reading any data."""
-        if not self.inputs:
-            raise ConfigError("no inputs given: set inputs to data files, directories or globs (inputs=data/my.txt)")
+        super().validate()
         specials = normalize_special_tokens(self.special_tokens)
         if self.kind == "bpe":
             check_bpe_settings(self.vocab_size, specials, self.min_frequency)
-        if self.max_documents is not None and self.max_documents < 1:
-            raise ConfigError(f"max_documents must be at least 1 (or none), got {self.max_documents}")
 
 
 def run_train(cfg: TokenizerTrainConfig, verbose: bool = True) -> dict[str, Any]:
     """Train (BPE) or build (char) a tokenizer, save ``<out>/tokenizer.json``, return a report."""
     cfg.validate()
     start = time.perf_counter()
-    stream = DocumentStream(
-        cfg.inputs,
-        format=cfg.format,
-        text_field=cfg.text_field,
-        text_unit=cfg.text_unit,
-        max_documents=cfg.max_documents,
-    )
+    stream = cfg.stream()
     docs = iter(stream)
     first = next(docs, None)
     if first is None:
