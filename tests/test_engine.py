@@ -358,3 +358,55 @@ def test_training_reduces_loss_with_bf16_autocast(tiny_data: Path, tmp_path: Pat
     rows = read_metrics(tmp_path)
     assert all(math.isfinite(r["loss"]) for r in rows)
     assert np.mean([r["loss"] for r in rows[-3:]]) < rows[0]["loss"] - 0.2
+
+
+# ------------------------------------------------------------------ optional back-ends
+def test_torch_compile_trains_like_eager(tiny_data: Path, tmp_path: Path) -> None:
+    """train.compile=true runs the inductor-compiled model and follows the eager loss curve."""
+    pretrain(tiny_data, tmp_path / "eager", "train.max_steps=4")
+    pretrain(tiny_data, tmp_path / "compiled", "train.max_steps=4", "train.compile=true")
+    eager = [r["loss"] for r in read_metrics(tmp_path / "eager")]
+    compiled = [r["loss"] for r in read_metrics(tmp_path / "compiled")]
+    assert compiled == pytest.approx(eager, abs=1e-4)
+    # the checkpoint of a compiled run holds the plain module's keys (no `_orig_mod.` prefix)
+    ckpt = list_checkpoints(tmp_path / "compiled")[-1]
+    assert all(not k.startswith("_orig_mod") for k in load_file(str(ckpt / "model.safetensors")))
+
+
+class _FakeWandb:
+    """Records what the engine hands to Weights & Biases (the real package needs a network)."""
+
+    def __init__(self) -> None:
+        self.init_kwargs: dict = {}
+        self.logged: list[tuple[dict, int]] = []
+        self.finished = False
+
+    def init(self, **kwargs):
+        self.init_kwargs = kwargs
+        return self
+
+    def log(self, row: dict, step: int) -> None:
+        self.logged.append((row, step))
+
+    def finish(self) -> None:
+        self.finished = True
+
+
+def test_wandb_logging_when_configured(tiny_data: Path, tmp_path: Path, monkeypatch) -> None:
+    fake = _FakeWandb()
+    monkeypatch.setitem(__import__("sys").modules, "wandb", fake)
+    monkeypatch.setenv("WANDB_PROJECT", "lmforge-test")
+    pretrain(tiny_data, tmp_path, "train.max_steps=4", "train.log_interval=2", "log.wandb=true")
+    assert fake.init_kwargs["project"] == "lmforge-test"
+    assert fake.init_kwargs["config"]["train"]["max_steps"] == 4
+    train_steps = [step for row, step in fake.logged if "train/loss" in row]
+    assert train_steps == [2, 4]
+    assert any("eval/val_loss" in row for row, _ in fake.logged)
+    assert fake.finished
+
+
+def test_wandb_requested_but_not_installed(tiny_data: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setitem(__import__("sys").modules, "wandb", None)  # makes `import wandb` fail
+    argv = ["pretrain", f"data={tiny_data}", f"out_dir={tmp_path}", *TINY_PRETRAIN, "train.max_steps=2", "log.wandb=true"]
+    assert main(argv) == 2
+    assert "pip install wandb" in capsys.readouterr().err
