@@ -147,10 +147,13 @@ class Engine:
         self.model = model.to(self.device)
         self.optimizer = build_optimizer(self.model, cfg, self.device)
         self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
-        self.forward_model: torch.nn.Module = torch.compile(self.model) if cfg.compile else self.model
+        # Evaluation runs the (compiled) module without the DDP wrapper: ranks may get uneven
+        # numbers of eval batches, and DDP's forward may issue collectives (buffer broadcasts).
+        self.eval_model: torch.nn.Module = torch.compile(self.model) if cfg.compile else self.model
+        self.forward_model = self.eval_model
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.forward_model = DDP(self.forward_model, device_ids=ids)
+            self.forward_model = DDP(self.eval_model, device_ids=ids)
         self.ctx = RunContext(
             device=self.device,
             seed=cfg.seed,
@@ -213,7 +216,7 @@ class Engine:
     def evaluate(self) -> dict[str, float]:
         self.model.eval()
         try:
-            return self.objective.evaluate(self.forward_model)
+            return self.objective.evaluate(self.eval_model)
         finally:
             self.model.train()
 
