@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -307,7 +307,3 @@ class GPT(nn.Module):
 
 def build_model(cfg: GPTConfig) -> GPT:
     return GPT(cfg)
-
-
-def with_vocab(cfg: GPTConfig, vocab_size: int) -> GPTConfig:
-    return replace(cfg, vocab_size=vocab_size)
