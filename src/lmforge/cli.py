@@ -23,6 +23,8 @@ STAGES = """stages, in the order of a model's life:
   data prepare      text / JSONL / Parquet -> tokenized train/val shards
   pretrain          train a GPT from scratch on prepared shards (next-token objective)
   sample            generate text from a checkpoint
+  import            a Hugging Face model (directory or hub id) or a GGUF file -> lmforge checkpoint
+  export            an lmforge checkpoint -> Hugging Face directory or GGUF file
   presets           list the named model shapes
 """
 
@@ -121,6 +123,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--greedy", action="store_true", help="always take the most likely token")
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--device", default="cpu")
+
+    imp = sub.add_parser(
+        "import",
+        help="a Hugging Face model or GGUF file -> lmforge checkpoint",
+        description="Import a Hugging Face model (a local directory, or a hub id when online) or a GGUF file "
+        "as an ordinary lmforge checkpoint: fine-tuning, sampling and serving work on it.",
+    )
+    imp.add_argument("source", help="HF model directory, hub id (org/name), or a .gguf file")
+    imp.add_argument("out", help="checkpoint directory to write")
+    imp.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+
+    exp = sub.add_parser(
+        "export",
+        help="an lmforge checkpoint -> Hugging Face directory or GGUF file",
+        description="Export a checkpoint for other tools: Hugging Face format (transformers, vLLM) or GGUF (llama.cpp).",
+    )
+    exp.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its newest checkpoint)")
+    exp.add_argument("--format", choices=["hf", "gguf"], required=True)
+    exp.add_argument("--dtype", choices=["f32", "f16", "q8_0"], default="f16", help="GGUF tensor type (default f16)")
+    exp.add_argument("out", help="output directory (hf) or .gguf file (gguf)")
+    exp.add_argument("--overwrite", action="store_true", help="replace an existing output")
 
     sub.add_parser("presets", help="list the named model shapes")
     return parser
@@ -236,12 +259,41 @@ def cmd_quickstart(args) -> None:
     print_samples(str(out / "model"), "ROMEO:", 2, SampleSettings(max_new_tokens=300, seed=0))
 
 
+def cmd_import(args) -> None:
+    if args.source.lower().endswith(".gguf"):
+        from .io.gguf import import_gguf
+
+        path = import_gguf(args.source, args.out)
+    else:
+        from .io.hf import import_hf
+
+        path = import_hf(args.source, args.out, overwrite=args.overwrite)
+    print(f"imported {args.source} -> {path}")
+
+
+def cmd_export(args) -> None:
+    from .train.checkpoint import resolve_checkpoint
+
+    ckpt = resolve_checkpoint(args.checkpoint)
+    if args.format == "hf":
+        from .io.hf import export_hf
+
+        path = export_hf(ckpt, args.out, overwrite=args.overwrite)
+    else:
+        from .io.gguf import export_gguf
+
+        path = export_gguf(ckpt, args.out, dtype=args.dtype)
+    print(f"exported {ckpt} -> {path}")
+
+
 HANDLERS: dict[tuple[str, str | None], Callable] = {
     ("quickstart", None): cmd_quickstart,
     ("tokenizer", "train"): cmd_tokenizer_train,
     ("data", "prepare"): cmd_data_prepare,
     ("pretrain", None): cmd_pretrain,
     ("sample", None): cmd_sample,
+    ("import", None): cmd_import,
+    ("export", None): cmd_export,
     ("presets", None): cmd_presets,
 }
 

@@ -109,13 +109,41 @@ def _detect_kind(hf: HFTokenizer, where: str) -> tuple[TokenizerKind, _CharTable
     )
 
 
+def _token_name(value: object) -> str | None:
+    """A special-token entry of ``tokenizer_config.json``: a string or ``{"content": ...}``."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) and value else None
+
+
+def _sidecar_eos(folder: Path) -> str | None:
+    """The EOS token named next to a ``tokenizer.json`` (imported Hugging Face models): the
+    ``tokenizer`` section of an lmforge ``config.json``, else ``tokenizer_config.json``."""
+    for name, pick in (
+        ("config.json", lambda d: (d.get("tokenizer") or {}).get("eos_token") if d.get("format") == "lmforge" else None),
+        ("tokenizer_config.json", lambda d: d.get("eos_token")),
+    ):
+        try:
+            data = json.loads((folder / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and (tok := _token_name(pick(data))):
+            return tok
+    return None
+
+
 class Tokenizer:
     """A Hugging Face tokenizer with lmforge's conventions (see the module docstring)."""
 
-    def __init__(self, hf: HFTokenizer, *, source: str = "tokenizer") -> None:
+    def __init__(self, hf: HFTokenizer, *, source: str = "tokenizer", eot_token: str | None = None) -> None:
+        """``eot_token`` names the document separator when it is not ``<|endoftext|>`` (an
+        imported Hugging Face tokenizer whose EOS is e.g. ``</s>``); ``<|endoftext|>`` wins
+        when both exist."""
         self.hf = hf
         self.kind, self._char_table = _detect_kind(hf, source)
         eot = hf.token_to_id(EOT)
+        if eot is None and eot_token:
+            eot = hf.token_to_id(eot_token)
         if eot is None:
             raise DataError(f"{source}: the tokenizer has no {EOT} token, which lmforge needs to separate documents")
         self._eot_id = eot
@@ -133,7 +161,7 @@ class Tokenizer:
         except Exception as e:  # tokenizers raises a bare Exception for bad JSON
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise DataError(f"{file} is not a valid tokenizer.json ({reason})") from None
-        return cls(hf, source=str(file))
+        return cls(hf, source=str(file), eot_token=_sidecar_eos(file.parent))
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write ``tokenizer.json`` atomically; a directory (or a path without ``.json``) gets
