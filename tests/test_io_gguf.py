@@ -431,3 +431,58 @@ def test_cli_export_then_import_gguf(tmp_path: Path, capsys) -> None:
     assert main(["export", str(tmp_path / "missing"), "--format", "gguf", str(gguf_file)]) == 2
     err = capsys.readouterr().err
     assert "error: checkpoint not found" in err and "Traceback" not in err
+
+
+def test_every_supported_tensor_type_dequantizes_in_torch_layout(tmp_path: Path) -> None:
+    """F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K and Q6_K tensors written to a GGUF file come back
+    through the importer's reader path as fp32 in torch's (rows, cols) layout."""
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    from lmforge.io.gguf import _tensor_fp32
+
+    Q = gguf.GGMLQuantizationType
+    rows, cols = 3, 512  # non-square: a transposed reshape would fail the comparison
+    src = np.random.default_rng(0).standard_normal((rows, cols)).astype(np.float32)
+    tolerance = {Q.F32: 0.0, Q.F16: 2e-3, Q.BF16: 2e-2, Q.Q8_0: 3e-2, Q.Q4_0: 0.5, Q.Q4_1: 0.5}
+
+    def k_quant_blocks(qtype) -> np.ndarray:
+        """Random K-quant blocks with sane fp16 scales (gguf-py cannot quantize these types)."""
+        block_elems, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+        raw = np.random.default_rng(1).integers(0, 256, (rows, cols // block_elems, block_bytes), dtype=np.uint8)
+        scale = np.frombuffer(np.float16(0.01).tobytes(), dtype=np.uint8)
+        if qtype == Q.Q4_K:  # d, dmin (fp16) lead the 144-byte block
+            raw[..., 0:2], raw[..., 2:4] = scale, scale
+        else:  # Q6_K: d (fp16) ends the 210-byte block
+            raw[..., -2:] = scale
+        return raw.reshape(rows, -1)
+
+    writer = gguf.GGUFWriter(str(tmp_path / "types.gguf"), "llama")
+    expected: dict[str, np.ndarray] = {}
+    for qtype in (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q6_K):
+        name = f"t.{qtype.name}"
+        if qtype == Q.F32:
+            writer.add_tensor(name, src)
+            expected[name] = src
+        elif qtype == Q.F16:
+            writer.add_tensor(name, src.astype(np.float16))
+            expected[name] = src.astype(np.float16)
+        else:
+            data = k_quant_blocks(qtype) if qtype in (Q.Q4_K, Q.Q6_K) else gguf.quants.quantize(src, qtype)
+            writer.add_tensor(name, data, raw_shape=data.shape, raw_dtype=qtype)
+            expected[name] = gguf.quants.dequantize(data, qtype).reshape(rows, cols)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    reader = gguf.GGUFReader(str(tmp_path / "types.gguf"))
+    seen = set()
+    for t in reader.tensors:
+        got = _tensor_fp32(t, gguf)
+        assert got.dtype == torch.float32 and tuple(got.shape) == (rows, cols), t.name
+        np.testing.assert_array_equal(got.numpy(), expected[t.name].astype(np.float32))
+        if t.tensor_type in tolerance:  # and close to the matrix it was quantized from
+            assert np.abs(got.numpy() - src).max() <= tolerance[t.tensor_type], t.name
+        seen.add(t.tensor_type)
+    assert len(seen) == 8
