@@ -287,15 +287,34 @@ def _config_from_hf(hf: dict[str, Any], where: str) -> tuple[str, GPTConfig, dic
         raise LmforgeError(f"{where}: config.json cannot be mapped to an lmforge model: {e}") from None
 
 
+def _taker(sd: dict[str, torch.Tensor], family: str):
+    """``take(key)``: pop a weight from ``sd``, or a clear error naming what is missing."""
+
+    def take(key: str) -> torch.Tensor:
+        if key not in sd:
+            raise LmforgeError(f"{family} weights lack {key!r}")
+        return sd.pop(key)
+
+    return take
+
+
+def _finish(sd: dict[str, torch.Tensor], out: dict[str, torch.Tensor], cfg: GPTConfig, family: str):
+    """Add the output head (untied models) and refuse weights no mapping used."""
+    head = sd.pop("lm_head.weight", None)
+    if not cfg.tie_embeddings:
+        if head is None:
+            raise LmforgeError(f"{family} weights lack 'lm_head.weight' although tie_word_embeddings is false")
+        out["lm_head.weight"] = head
+    if sd:
+        raise LmforgeError(f"unexpected {family} weights: {sorted(sd)[:3]}")
+    return out
+
+
 def _map_gpt2(sd: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:
     sd = {k.removeprefix("transformer."): v for k, v in sd.items()}
     sd = {k: v for k, v in sd.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}  # old mask buffers
     out: dict[str, torch.Tensor] = {}
-
-    def take(key: str) -> torch.Tensor:
-        if key not in sd:
-            raise LmforgeError(f"GPT-2 weights lack {key!r}")
-        return sd.pop(key)
+    take = _taker(sd, "GPT-2")
 
     out["embed_tokens.weight"] = take("wte.weight")
     out["embed_positions.weight"] = take("wpe.weight")
@@ -307,24 +326,13 @@ def _map_gpt2(sd: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Te
             out[f"layers.{i}.{mine}.weight"] = w if theirs.startswith("ln") else w.t().contiguous()  # Conv1D: (in, out)
             out[f"layers.{i}.{mine}.bias"] = take(f"h.{i}.{theirs}.bias")
     out["norm.weight"], out["norm.bias"] = take("ln_f.weight"), take("ln_f.bias")
-    head = sd.pop("lm_head.weight", None)
-    if not cfg.tie_embeddings:
-        if head is None:
-            raise LmforgeError("GPT-2 weights lack 'lm_head.weight' although tie_word_embeddings is false")
-        out["lm_head.weight"] = head
-    if sd:
-        raise LmforgeError(f"unexpected GPT-2 weights: {sorted(sd)[:3]}")
-    return out
+    return _finish(sd, out, cfg, "GPT-2")
 
 
 def _map_llama(sd: dict[str, torch.Tensor], cfg: GPTConfig, biases: dict[str, bool]) -> dict[str, torch.Tensor]:
     sd = {k.removeprefix("model."): v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}
     out: dict[str, torch.Tensor] = {}
-
-    def take(key: str) -> torch.Tensor:
-        if key not in sd:
-            raise LmforgeError(f"weights lack {key!r}")
-        return sd.pop(key)
+    take = _taker(sd, "Llama-family")
 
     def bias(key: str, present: bool, like: torch.Tensor) -> torch.Tensor:
         # lmforge has one `bias` switch: a bias the HF model lacks (Llama attention_bias without
@@ -353,14 +361,7 @@ def _map_llama(sd: dict[str, torch.Tensor], cfg: GPTConfig, biases: dict[str, bo
         out[p + "attn_norm.weight"] = take(p + "input_layernorm.weight")
         out[p + "mlp_norm.weight"] = take(p + "post_attention_layernorm.weight")
     out["norm.weight"] = take("norm.weight")
-    head = sd.pop("lm_head.weight", None)
-    if not cfg.tie_embeddings:
-        if head is None:
-            raise LmforgeError("weights lack 'lm_head.weight' although tie_word_embeddings is false")
-        out["lm_head.weight"] = head
-    if sd:
-        raise LmforgeError(f"unexpected weights: {sorted(sd)[:3]}")
-    return out
+    return _finish(sd, out, cfg, "Llama-family")
 
 
 def _special_tokens(src: Path, hf_cfg: dict[str, Any]) -> dict[str, Any]:
