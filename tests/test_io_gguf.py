@@ -424,6 +424,13 @@ def test_cli_export_then_import_gguf(tmp_path: Path, capsys) -> None:
     a, b = load_file(str(ckpt / "model.safetensors")), load_file(str(back / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert main(["sample", str(back), "--prompt", "hello", "--max-new-tokens", "4", "--greedy"]) == 0
+    # existing outputs are replaced only when asked
+    assert main(["import", str(gguf_file), str(back)]) == 2
+    assert main(["export", str(ckpt), "--format", "gguf", str(gguf_file)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["import", str(gguf_file), str(back), "--overwrite"]) == 0
+    assert main(["export", str(ckpt), "--format", "gguf", "--dtype", "f32", str(gguf_file), "--overwrite"]) == 0
+    assert not list(tmp_path.glob(".*.tmp-*"))  # no temporary files left
     # the output's parent folders are created
     assert main(["export", str(ckpt), "--format", "gguf", str(tmp_path / "new" / "x.gguf")]) == 0
     assert (tmp_path / "new" / "x.gguf").stat().st_size > 0

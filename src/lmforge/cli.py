@@ -263,7 +263,7 @@ def cmd_import(args) -> None:
     if args.source.lower().endswith(".gguf"):
         from .io.gguf import import_gguf
 
-        path = import_gguf(args.source, args.out)
+        path = import_gguf(args.source, args.out, overwrite=args.overwrite)
     else:
         from .io.hf import import_hf
 
@@ -282,7 +282,7 @@ def cmd_export(args) -> None:
     else:
         from .io.gguf import export_gguf
 
-        path = export_gguf(ckpt, args.out, dtype=args.dtype)
+        path = export_gguf(ckpt, args.out, dtype=args.dtype, overwrite=args.overwrite)
     print(f"exported {ckpt} -> {path}")
 
 

@@ -21,6 +21,7 @@ are that permutation and its inverse.
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import warnings
 from pathlib import Path
@@ -216,11 +217,18 @@ def _build_tokenizer(reader, where: str):
     return hf, tokens
 
 
-def import_gguf(path: str | Path, out: str | Path) -> Path:
-    """Convert a ``llama``-architecture GGUF file into an lmforge checkpoint at ``out``."""
+def _refuse_existing(out: Path, overwrite: bool) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise LmforgeError(f"{out} already exists and is not empty (choose another output or allow overwriting)")
+
+
+def import_gguf(path: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
+    """Convert a ``llama``-architecture GGUF file into an lmforge checkpoint at ``out``
+    (written atomically; an existing non-empty ``out`` is replaced only with ``overwrite``)."""
     gguf = _gguf()
     from ..train.checkpoint import save_checkpoint
 
+    _refuse_existing(Path(out), overwrite)
     path = Path(path)
     if not path.is_file():
         raise LmforgeError(f"GGUF file not found: {path}")
@@ -416,8 +424,9 @@ def _tokenizer_metadata(
     }
 
 
-def export_gguf(ckpt: str | Path, out_path: str | Path, dtype: str = "f32") -> Path:
-    """Write an lmforge Llama-family checkpoint (or a run's newest) as a GGUF file."""
+def export_gguf(ckpt: str | Path, out_path: str | Path, dtype: str = "f32", *, overwrite: bool = False) -> Path:
+    """Write an lmforge Llama-family checkpoint (or a run's newest) as a GGUF file
+    (to a temporary name, renamed into place; an existing file is replaced only with ``overwrite``)."""
     gguf = _gguf()
     from ..train.checkpoint import load_model, read_config
 
@@ -473,8 +482,10 @@ def export_gguf(ckpt: str | Path, out_path: str | Path, dtype: str = "f32") -> P
         named.append(("output.weight", sd["lm_head.weight"]))
 
     out_path = Path(out_path)
+    _refuse_existing(out_path, overwrite)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    w = gguf.GGUFWriter(str(out_path), "llama")
+    tmp_path = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
+    w = gguf.GGUFWriter(str(tmp_path), "llama")
     w.add_name(full_cfg.get("source", {}).get("name") or ckpt.name)
     w.add_context_length(cfg.context_length)
     w.add_embedding_length(cfg.n_embd)
@@ -527,4 +538,5 @@ def export_gguf(ckpt: str | Path, out_path: str | Path, dtype: str = "f32") -> P
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    os.replace(tmp_path, out_path)
     return out_path
