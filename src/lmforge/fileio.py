@@ -12,6 +12,15 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from .errors import LmforgeError
+
+
+def refuse_existing(path: str | os.PathLike[str], overwrite: bool) -> None:
+    """Refuse to replace an existing file or non-empty directory unless ``overwrite`` is set."""
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
+        raise LmforgeError(f"{path} already exists and is not empty (choose another output or allow overwriting)")
+
 
 def _temp_sibling(path: Path) -> Path:
     """An unused temporary name next to ``path`` (same filesystem, so the rename is atomic).

@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 from ..errors import LmforgeError
-from ..model.gpt import GPT, GPTConfig
+from ..fileio import refuse_existing
+from ..model.gpt import GPT, GPTConfig, check_state_dict
 
 # gguf is an optional dependency: imported lazily so that lmforge works without it.
 
@@ -217,18 +218,13 @@ def _build_tokenizer(reader, where: str):
     return hf, tokens
 
 
-def _refuse_existing(out: Path, overwrite: bool) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise LmforgeError(f"{out} already exists and is not empty (choose another output or allow overwriting)")
-
-
 def import_gguf(path: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
     """Convert a ``llama``-architecture GGUF file into an lmforge checkpoint at ``out``
     (written atomically; an existing non-empty ``out`` is replaced only with ``overwrite``)."""
     gguf = _gguf()
     from ..train.checkpoint import save_checkpoint
 
-    _refuse_existing(Path(out), overwrite)
+    refuse_existing(Path(out), overwrite)
     path = Path(path)
     if not path.is_file():
         raise LmforgeError(f"GGUF file not found: {path}")
@@ -329,15 +325,10 @@ def import_gguf(path: str | Path, out: str | Path, *, overwrite: bool = False) -
             f"{path}: unsupported tensors {leftover[:4]} (biases, QK-norm or another variant)"
         )
 
+    check_state_dict(sd, cfg, str(path))
     with torch.device("meta"):
         model = GPT(cfg)
     model = model.to_empty(device="cpu")
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    for k, v in sd.items():
-        if tuple(v.shape) != tuple(expected[k]):
-            raise LmforgeError(
-                f"{path}: {k} has shape {tuple(v.shape)}, the config implies {tuple(expected[k])}"
-            )
     model.load_state_dict(sd, strict=True, assign=True)
 
     hf, tokens = _build_tokenizer(reader, str(path))
@@ -482,7 +473,7 @@ def export_gguf(ckpt: str | Path, out_path: str | Path, dtype: str = "f32", *, o
         named.append(("output.weight", sd["lm_head.weight"]))
 
     out_path = Path(out_path)
-    _refuse_existing(out_path, overwrite)
+    refuse_existing(out_path, overwrite)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp_path = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
     w = gguf.GGUFWriter(str(tmp_path), "llama")

@@ -37,7 +37,8 @@ from safetensors.torch import load_file, save_file
 from .. import __version__
 from ..config import from_dict, to_dict
 from ..errors import LmforgeError
-from ..model.gpt import GPT, GPTConfig
+from ..fileio import atomic_write_json, refuse_existing
+from ..model.gpt import GPTConfig, check_state_dict
 
 ARCHITECTURES = ("GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
@@ -77,10 +78,6 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-
-
 def _token_name(value: Any) -> str | None:
     if isinstance(value, dict):
         value = value.get("content")
@@ -92,8 +89,7 @@ class _Staging:
 
     def __init__(self, out: Path, overwrite: bool) -> None:
         self.out = out
-        if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-            raise LmforgeError(f"{out} already exists and is not empty (choose another output or allow overwriting)")
+        refuse_existing(out, overwrite)
         out.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
         if self.tmp.exists():
@@ -112,23 +108,6 @@ class _Staging:
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
-
-
-def _expected_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
-    with torch.device("meta"):
-        model = GPT(cfg)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
-
-
-def _check_weights(weights: dict[str, torch.Tensor], cfg: GPTConfig, where: str) -> None:
-    expected = _expected_shapes(cfg)
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
-    if missing or unexpected:
-        raise LmforgeError(f"{where}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    for k, shape in expected.items():
-        if tuple(weights[k].shape) != shape:
-            raise LmforgeError(f"{where}: {k} has shape {tuple(weights[k].shape)}, the config needs {shape}")
 
 
 # ------------------------------------------------------------------------------ import
@@ -408,7 +387,7 @@ def import_hf(src: str | Path, out: str | Path, *, overwrite: bool = False) -> P
         raise LmforgeError(f"{src_dir} has no tokenizer.json (a fast tokenizer file is required)")
     sd = _load_hf_weights(src_dir)
     weights = _map_gpt2(sd, cfg) if arch == "GPT2LMHeadModel" else _map_llama(sd, cfg, biases)
-    _check_weights(weights, cfg, str(src_dir))
+    check_state_dict(weights, cfg, str(src_dir))
 
     config = {
         "format": "lmforge",
@@ -420,7 +399,7 @@ def import_hf(src: str | Path, out: str | Path, *, overwrite: bool = False) -> P
     stage = _Staging(Path(out), overwrite)
     try:
         save_file({k: v.contiguous() for k, v in weights.items()}, str(stage.tmp / "model.safetensors"), metadata={"format": "pt"})
-        _write_json(stage.tmp / "config.json", config)
+        atomic_write_json(stage.tmp / "config.json", config)
         shutil.copyfile(src_dir / "tokenizer.json", stage.tmp / "tokenizer.json")
         for name in SIDECAR_FILES:
             if (src_dir / name).is_file():
@@ -546,7 +525,7 @@ def export_hf(ckpt: str | Path, out: str | Path, *, overwrite: bool = False) -> 
         w = load_file(str(path / "model.safetensors"))
     except (SafetensorError, OSError) as e:
         raise LmforgeError(f"{path}/model.safetensors cannot be read: {e}") from None
-    _check_weights(w, cfg, str(path))
+    check_state_dict(w, cfg, str(path))
     if not (path / "tokenizer.json").is_file():
         raise LmforgeError(f"{path} has no tokenizer.json; a Hugging Face export needs the tokenizer")
     tokens = _export_tokens(path, config)
@@ -601,7 +580,7 @@ def export_hf(ckpt: str | Path, out: str | Path, *, overwrite: bool = False) -> 
     stage = _Staging(Path(out), overwrite)
     try:
         save_file(hf_w, str(stage.tmp / "model.safetensors"), metadata={"format": "pt"})
-        _write_json(stage.tmp / "config.json", hf_cfg)
+        atomic_write_json(stage.tmp / "config.json", hf_cfg)
         shutil.copyfile(path / "tokenizer.json", stage.tmp / "tokenizer.json")
         for name in SIDECAR_FILES:
             if (path / name).is_file():
@@ -620,10 +599,10 @@ def export_hf(ckpt: str | Path, out: str | Path, *, overwrite: bool = False) -> 
             template = _chat_template(path, config)
             if template is not None and not (stage.tmp / "chat_template.jinja").is_file():
                 tok_cfg["chat_template"] = template
-            _write_json(stage.tmp / "tokenizer_config.json", tok_cfg)
+            atomic_write_json(stage.tmp / "tokenizer_config.json", tok_cfg)
         if not (stage.tmp / "generation_config.json").is_file():
             gen = {k: v for k, v in ids.items() if v is not None}
-            _write_json(stage.tmp / "generation_config.json", gen)
+            atomic_write_json(stage.tmp / "generation_config.json", gen)
     except BaseException:
         stage.abort()
         raise

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import LmforgeError
 from .presets import get_preset
 
 
@@ -307,3 +308,16 @@ class GPT(nn.Module):
 
 def build_model(cfg: GPTConfig) -> GPT:
     return GPT(cfg)
+
+
+def check_state_dict(weights: dict[str, torch.Tensor], cfg: GPTConfig, where: str) -> None:
+    """Raise LmforgeError unless ``weights`` has exactly the keys and shapes ``cfg`` implies."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in GPT(cfg).state_dict().items()}
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        raise LmforgeError(f"{where}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    for k, shape in expected.items():
+        if tuple(weights[k].shape) != shape:
+            raise LmforgeError(f"{where}: {k} has shape {tuple(weights[k].shape)}, the config needs {shape}")

@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from .. import __version__
 from ..config import from_dict, to_dict
 from ..errors import LmforgeError
+from ..fileio import atomic_write_json
 from ..model.gpt import GPT, GPTConfig
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -44,10 +45,6 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
             model = model._orig_mod
         else:
             return model
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
 
 
 def _flatten_optimizer(states: list[dict]) -> tuple[dict[str, torch.Tensor], list[dict]]:
@@ -102,7 +99,7 @@ def save_checkpoint(
     weights = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
     save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     config = {"format": "lmforge", "lmforge_version": __version__, "model": to_dict(net.config), **(extra or {})}
-    _write_json(tmp / "config.json", config)
+    atomic_write_json(tmp / "config.json", config)
     if tokenizer_file is not None:
         shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
     if optimizer is not None:
@@ -112,7 +109,7 @@ def save_checkpoint(
             for i, s in enumerate(torch.cuda.get_rng_state_all()):
                 tensors[f"rng.cuda.{i}"] = s
         save_file(tensors, str(tmp / "optimizer.safetensors"))
-        _write_json(tmp / "trainer_state.json", {**(trainer_state or {}), "optimizer": meta})
+        atomic_write_json(tmp / "trainer_state.json", {**(trainer_state or {}), "optimizer": meta})
     old = None
     if path.exists():
         old = path.parent / f".old-{path.name}-{os.getpid()}"
