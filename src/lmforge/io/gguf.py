@@ -34,7 +34,7 @@ from ..errors import LmforgeError
 from ..fileio import refuse_existing
 from ..model.gpt import GPT, GPTConfig, check_state_dict
 
-# gguf is an optional dependency: imported lazily so that lmforge works without it.
+# gguf is a dependency, imported lazily so that only the GGUF paths pay its import time.
 
 
 def _gguf():

@@ -39,6 +39,7 @@ from ..config import from_dict, to_dict
 from ..errors import LmforgeError
 from ..fileio import atomic_write_json, refuse_existing
 from ..model.gpt import GPTConfig, check_state_dict
+from ..tokenizer.base import token_name
 
 ARCHITECTURES = ("GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
@@ -76,12 +77,6 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise LmforgeError(f"{path} is not a JSON object")
     return data
-
-
-def _token_name(value: Any) -> str | None:
-    if isinstance(value, dict):
-        value = value.get("content")
-    return value if isinstance(value, str) and value else None
 
 
 class _Staging:
@@ -359,7 +354,7 @@ def _special_tokens(src: Path, hf_cfg: dict[str, Any]) -> dict[str, Any]:
     by_id = {i: t for t, i in vocab.items()}
     out: dict[str, Any] = {}
     for role in ("bos", "eos", "pad", "unk"):
-        name = _token_name(tok_cfg.get(f"{role}_token"))
+        name = token_name(tok_cfg.get(f"{role}_token"))
         tid = vocab.get(name) if name else None
         if name is None:
             cid = hf_cfg.get(f"{role}_token_id")

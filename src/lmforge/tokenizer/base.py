@@ -109,7 +109,7 @@ def _detect_kind(hf: HFTokenizer, where: str) -> tuple[TokenizerKind, _CharTable
     )
 
 
-def _token_name(value: object) -> str | None:
+def token_name(value: object) -> str | None:
     """A special-token entry of ``tokenizer_config.json``: a string or ``{"content": ...}``."""
     if isinstance(value, dict):
         value = value.get("content")
@@ -127,7 +127,7 @@ def _sidecar_eos(folder: Path) -> str | None:
             data = json.loads((folder / name).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
-        if isinstance(data, dict) and (tok := _token_name(pick(data))):
+        if isinstance(data, dict) and (tok := token_name(pick(data))):
             return tok
     return None
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError, LmforgeError
+from .base import token_name
 
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
@@ -100,10 +101,8 @@ class ChatTemplate:
                 named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
                 source = named.get("default")
             for k, v in tok_cfg.items():
-                if k.endswith("_token") and k not in specials:
-                    name = v.get("content") if isinstance(v, dict) else v
-                    if isinstance(name, str):
-                        specials[k] = name
+                if k.endswith("_token") and k not in specials and (name := token_name(v)):
+                    specials[k] = name
         return cls(source if isinstance(source, str) else CHATML, specials)
 
 
