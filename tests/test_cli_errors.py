@@ -194,12 +194,13 @@ def test_tokenizer_vocab_too_small(files: Path, capsys) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--temperature", "0"], "temperature must be positive (or use greedy), got 0.0"),
-        (["--temperature", "-1"], "temperature must be positive (or use greedy), got -1.0"),
-        (["--top-k", "0"], "top_k must be at least 1, got 0"),
-        (["--max-new-tokens", "0"], "max_new_tokens must be at least 1, got 0"),
+        (["--temperature", "-1"], "temperature must be >= 0 (0 is greedy), got -1.0"),
+        (["--top-k", "-1"], "top_k must be a non-negative integer (0 is off), got -1"),
+        (["--top-p", "0"], "top_p must be in (0, 1], got 0.0"),
+        (["--max-new-tokens", "0"], "max_tokens must be a positive integer, got 0"),
         (["--num-samples", "0"], "--num-samples must be at least 1, got 0"),
-        (["--prompt", ""], "the prompt is empty after tokenization"),
+        (["--stop-token", "<|nope|>"], "unknown stop token '<|nope|>': it is not a token of this model's vocabulary"),
+        (["--prompt", ""], "the prompt is empty"),
         (["--prompt", "☃"], "the prompt holds characters the tokenizer does not know"),
     ],
 )

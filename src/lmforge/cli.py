@@ -22,9 +22,12 @@ STAGES = """stages, in the order of a model's life:
   tokenizer train   train a byte-level BPE or build a character tokenizer -> tokenizer.json
   data prepare      text / JSONL / Parquet -> tokenized train/val shards
   pretrain          train a GPT from scratch on prepared shards (next-token objective)
-  sample            generate text from a checkpoint
+  sample            print continuations of a prompt from a checkpoint
+  generate          complete prompts (arguments, a file or stdin) -> JSONL, batched
+  chat              talk to a model: multi-turn REPL with streaming, /reset, /system
   import            a Hugging Face model (directory or hub id) or a GGUF file -> lmforge checkpoint
   export            an lmforge checkpoint -> Hugging Face directory or GGUF file
+  quantize          a checkpoint -> weight-only int8 / int4 / bf16 checkpoint (smaller, faster decode)
   presets           list the named model shapes
 """
 
@@ -113,16 +116,39 @@ def build_parser() -> argparse.ArgumentParser:
         lambda p: p.add_argument("--resume", action="store_true", help="continue from out_dir's newest checkpoint"),
     )
 
-    s = sub.add_parser("sample", help="generate text from a checkpoint", description="Generate text from a checkpoint.")
-    s.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its newest checkpoint)")
+    from .infer.commands import add_engine_args, add_sampling_args
+
+    s = sub.add_parser("sample", help="print continuations of a prompt", description="Print continuations of a prompt.")
+    add_engine_args(s, batch=False)
     s.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
-    s.add_argument("--num-samples", type=int, default=1)
-    s.add_argument("--max-new-tokens", type=int, default=200)
-    s.add_argument("--temperature", type=float, default=0.8)
-    s.add_argument("--top-k", type=int, default=200)
-    s.add_argument("--greedy", action="store_true", help="always take the most likely token")
-    s.add_argument("--seed", type=int, default=None)
-    s.add_argument("--device", default="cpu")
+    s.add_argument("--num-samples", type=int, default=1, help="continuations, decoded as one batch")
+    add_sampling_args(s, max_tokens=200, temperature=0.8)
+
+    g = sub.add_parser(
+        "generate",
+        help="complete prompts -> JSONL",
+        description="Complete prompts with a checkpoint, batched, one JSON line per prompt "
+        '({"index", "prompt", "completion", "finish_reason", "prompt_tokens", "completion_tokens"}).',
+    )
+    add_engine_args(g)
+    g.add_argument("prompts", nargs="*", help="prompts (else --file, else one per line on stdin)")
+    g.add_argument("--file", help='prompts: text (one per line) or .jsonl ({"prompt": ...} or {"messages": [...]})')
+    g.add_argument("--out", help="write JSONL here instead of stdout")
+    g.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat template")
+    g.add_argument("--logprobs", type=int, default=None, metavar="K", help="chosen and top-K logprobs per token")
+    g.add_argument("--overflow", choices=["error", "truncate"], default="error",
+                   help="a prompt longer than the context: error, or keep its end (default error)")
+    add_sampling_args(g)
+
+    c = sub.add_parser(
+        "chat",
+        help="multi-turn chat REPL with streaming",
+        description="Chat with a model using its own chat template (ChatML when it has none). "
+        "Commands: /reset, /system TEXT, /history, /help, /quit.",
+    )
+    add_engine_args(c, batch=False)
+    c.add_argument("--system", default=None, help="system prompt")
+    add_sampling_args(c, max_tokens=512, temperature=0.7)
 
     imp = sub.add_parser(
         "import",
@@ -144,6 +170,18 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--dtype", choices=["f32", "f16", "q8_0"], default="f16", help="GGUF tensor type (default f16)")
     exp.add_argument("out", help="output directory (hf) or .gguf file (gguf)")
     exp.add_argument("--overwrite", action="store_true", help="replace an existing output")
+
+    qz = sub.add_parser(
+        "quantize",
+        help="a checkpoint -> weight-only int8 / int4 / bf16 checkpoint",
+        description="Quantize the Linear weights of a checkpoint (int8 per channel, int4 per group, or bf16) "
+        "into a new checkpoint that loads, samples and serves like any other.",
+    )
+    qz.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its newest checkpoint)")
+    qz.add_argument("out", help="checkpoint directory to write")
+    qz.add_argument("--method", choices=["int8", "int4", "bf16"], required=True)
+    qz.add_argument("--group-size", type=int, default=32, help="int4 group size: 32, 64 or 128 (default 32)")
+    qz.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
 
     sub.add_parser("presets", help="list the named model shapes")
     return parser
@@ -182,38 +220,30 @@ def cmd_pretrain(args) -> None:
     _report_fit(run_pretrain(cfg, resume=args.resume), cfg.out_dir)
 
 
-def print_samples(ckpt: str, prompt: str, n: int, settings, device: str = "cpu") -> list[str]:
-    from .infer.sample import generate
-    from .tokenizer import Tokenizer
-    from .train.checkpoint import load_model
-
-    model, path = load_model(ckpt, device=device)
-    tok = Tokenizer.from_file(path / "tokenizer.json")
-    ids = tok.encode(prompt)
-    if not ids:
-        raise LmforgeError("the prompt is empty after tokenization")
-    if tok.unk_id is not None and tok.unk_id in ids:
-        raise LmforgeError("the prompt holds characters the tokenizer does not know")
-    texts = []
-    base_seed = settings.seed
-    for i in range(n):
-        if base_seed is not None:
-            settings.seed = base_seed + i
-        new = generate(model, ids, settings, stop_ids=(tok.eot_id,))
-        text = prompt + tok.decode(new, skip_special_tokens=True)
-        texts.append(text)
-        print(f"--- sample {i + 1} ---\n{text}")
-    return texts
-
-
 def cmd_sample(args) -> None:
-    from .infer.sample import SampleSettings
+    from .infer.commands import run_sample
 
-    if args.num_samples < 1:
-        raise LmforgeError(f"--num-samples must be at least 1, got {args.num_samples}")
-    settings = SampleSettings(args.max_new_tokens, args.temperature, args.top_k, args.greedy, args.seed)
-    settings.validate()
-    print_samples(args.checkpoint, args.prompt, args.num_samples, settings, args.device)
+    run_sample(args)
+
+
+def cmd_generate(args) -> None:
+    from .infer.commands import run_generate
+
+    run_generate(args)
+
+
+def cmd_chat(args) -> None:
+    from .infer.commands import run_chat
+
+    run_chat(args)
+
+
+def cmd_quantize(args) -> None:
+    from .model.quant import quantize_checkpoint
+
+    path = quantize_checkpoint(args.checkpoint, args.out, args.method, args.group_size, overwrite=args.overwrite)
+    size = (path / "model.safetensors").stat().st_size
+    print(f"quantized {args.checkpoint} -> {path} ({args.method}, model.safetensors {size / 2**20:.1f} MiB)")
 
 
 def cmd_presets(args) -> None:
@@ -233,11 +263,13 @@ def cmd_presets(args) -> None:
 
 
 def cmd_quickstart(args) -> None:
+    from .config import load_config
     from .data.prepare import DataPrepareConfig, run_prepare
-    from .infer.sample import SampleSettings
+    from .infer.commands import print_samples
+    from .infer.engine import load_engine
+    from .infer.sampling import SamplingParams
     from .paths import embedded_data_dir
     from .tokenizer.train import TokenizerTrainConfig, run_train
-    from .config import load_config
     from .train.pretrain import PretrainConfig, run_pretrain
 
     out = Path(args.out)
@@ -256,7 +288,8 @@ def cmd_quickstart(args) -> None:
     result = run_pretrain(cfg)
     _report_fit(result, cfg.out_dir)
     print("[4/4] samples")
-    print_samples(str(out / "model"), "ROMEO:", 2, SampleSettings(max_new_tokens=300, seed=0))
+    engine = load_engine(str(out / "model"), max_batch_size=2, overflow="slide")
+    print_samples(engine, "ROMEO:", 2, SamplingParams(max_tokens=300, temperature=0.8, top_k=200, seed=0))
 
 
 def cmd_import(args) -> None:
@@ -292,8 +325,11 @@ HANDLERS: dict[tuple[str, str | None], Callable] = {
     ("data", "prepare"): cmd_data_prepare,
     ("pretrain", None): cmd_pretrain,
     ("sample", None): cmd_sample,
+    ("generate", None): cmd_generate,
+    ("chat", None): cmd_chat,
     ("import", None): cmd_import,
     ("export", None): cmd_export,
+    ("quantize", None): cmd_quantize,
     ("presets", None): cmd_presets,
 }
 
@@ -303,6 +339,9 @@ def main(argv: list[str] | None = None) -> int:
     # key=value overrides may sit on either side of flags (`a=1 --resume b=2`): argparse
     # leaves the ones after a flag unrecognised, so collect them here.
     args, extra = parser.parse_known_args(argv)
+    if hasattr(args, "prompts"):  # `generate CKPT --greedy "a prompt"`: positionals after flags
+        args.prompts += [e for e in extra if not e.startswith("-")]
+        extra = [e for e in extra if e.startswith("-")]
     stray = [e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")

@@ -419,12 +419,14 @@ def export_gguf(ckpt: str | Path, out_path: str | Path, dtype: str = "f32", *, o
     """Write an lmforge Llama-family checkpoint (or a run's newest) as a GGUF file
     (to a temporary name, renamed into place; an existing file is replaced only with ``overwrite``)."""
     gguf = _gguf()
+    from ..model.quant import dequantize_model
     from ..train.checkpoint import load_model, read_config
 
     Q = gguf.GGMLQuantizationType
     if dtype not in ("f32", "f16", "q8_0"):
         raise LmforgeError(f"GGUF dtype must be f32, f16 or q8_0, got {dtype!r}")
     model, ckpt = load_model(ckpt)
+    dequantize_model(model)  # a weight-quantized checkpoint exports its dequantized weights
     cfg: GPTConfig = model.config
     problems = []
     if cfg.pos_embedding != "rope":

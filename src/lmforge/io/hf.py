@@ -516,10 +516,17 @@ def export_hf(ckpt: str | Path, out: str | Path, *, overwrite: bool = False) -> 
     config = read_config(path)
     cfg = from_dict(GPTConfig, config["model"], "model")
     arch = _hf_architecture(cfg)
-    try:
-        w = load_file(str(path / "model.safetensors"))
-    except (SafetensorError, OSError) as e:
-        raise LmforgeError(f"{path}/model.safetensors cannot be read: {e}") from None
+    if config.get("quantization"):  # weight-quantized: export the dequantized weights
+        from ..model.quant import dequantize_model
+        from ..train.checkpoint import load_model
+
+        model, _ = load_model(path)
+        w = {k: v.detach() for k, v in dequantize_model(model).state_dict().items()}
+    else:
+        try:
+            w = load_file(str(path / "model.safetensors"))
+        except (SafetensorError, OSError) as e:
+            raise LmforgeError(f"{path}/model.safetensors cannot be read: {e}") from None
     check_state_dict(w, cfg, str(path))
     if not (path / "tokenizer.json").is_file():
         raise LmforgeError(f"{path} has no tokenizer.json; a Hugging Face export needs the tokenizer")

@@ -17,8 +17,8 @@ pairs with the second half), so Llama-family HF weights load without permutation
 from __future__ import annotations
 
 import math
-from functools import lru_cache
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Literal
 
 import torch
@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import LmforgeError
+from .cache import CacheView, LayerKV
 from .presets import get_preset
 
 
@@ -163,7 +164,9 @@ class Attention(nn.Module):
         self.impl: AttentionImpl = "auto"
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, kv: LayerKV | None = None
+    ) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
         q = q.view(B, T, self.n_head, self.head_dim)
@@ -174,7 +177,9 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if rope is not None:
             cos, sin = rope
-            q, k = apply_rope(q, cos[:T], sin[:T]), apply_rope(k, cos[:T], sin[:T])
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv is not None:
+            return self.o_proj(self._cached_attention(q, k, v, kv).transpose(1, 2).reshape(B, T, -1))
         if self.n_kv_head != self.n_head:
             rep = self.n_head // self.n_kv_head
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -185,6 +190,17 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.resid_dropout(self.o_proj(y))
+
+    @staticmethod
+    def _cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: LayerKV) -> torch.Tensor:
+        """Attention of new queries over the cache (after writing this step's keys/values).
+        sdpa's ``enable_gqa`` shares each key/value head across its query group without
+        copying (measured on CPU: 18 us against 30 us for a reshaped-query sdpa at S=64)."""
+        keys, values = kv.update(k, v)
+        view = kv.view
+        return F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=view.mask, is_causal=view.is_causal, enable_gqa=keys.shape[1] != q.shape[1]
+        )
 
 
 class MLP(nn.Module):
@@ -218,8 +234,10 @@ class Block(nn.Module):
         self.mlp_norm = make_norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), rope)
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, kv: LayerKV | None = None
+    ) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, kv)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -262,6 +280,13 @@ class GPT(nn.Module):
     def output_weight(self) -> torch.Tensor:
         return self.embed_tokens.weight if self.config.tie_embeddings else self.lm_head.weight
 
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The output projection. A module ``lm_head`` is used when present, also for a tied
+        model: weight quantization gives a tied model its own quantized head, while the
+        embedding keeps full precision for the (cheap) row lookups."""
+        head = self._modules.get("lm_head")
+        return head(h) if head is not None else F.linear(h, self.embed_tokens.weight)
+
     def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
         """Final normalised hidden states (B, T, n_embd) for token ids (B, T)."""
         T = idx.shape[1]
@@ -271,10 +296,43 @@ class GPT(nn.Module):
         if self.config.pos_embedding == "learned":
             x = x + self.embed_positions(torch.arange(T, device=idx.device))
         x = self.drop(x)
-        rope = (self.rope_cos, self.rope_sin) if self.config.pos_embedding == "rope" else None
+        rope = (self.rope_cos[:T], self.rope_sin[:T]) if self.config.pos_embedding == "rope" else None
         for layer in self.layers:
             x = layer(x, rope)
         return self.norm(x)
+
+    def forward_cached(
+        self,
+        idx: torch.Tensor,
+        cache: CacheView,
+        input_lengths: list[int] | None = None,
+        logits: Literal["last", "all"] = "last",
+    ) -> torch.Tensor:
+        """Inference forward through a KV cache: ``idx`` (B, T) continues each cache row.
+
+        Rows may hold different lengths (each token gets its own row's position), and
+        ``input_lengths`` marks how many of a row's T tokens are real when prompts of
+        different lengths are right-padded into one batch. Returns the logits of each row's
+        last real token (B, vocab), or of every position (B, T, vocab) with ``logits="all"``.
+        """
+        B, T = idx.shape
+        cache.begin(T, input_lengths)
+        pos = cache.positions
+        x = self.embed_tokens(idx)
+        if self.config.pos_embedding == "learned":
+            x = x + self.embed_positions(pos)
+        rope = None
+        if self.config.pos_embedding == "rope":
+            rope = (self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1))  # (B, 1, T, D)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rope, cache.layer(i))
+        cache.commit()
+        if logits == "last":
+            if input_lengths is None:
+                x = x[:, -1]
+            else:
+                x = x[torch.arange(B, device=x.device), torch.tensor(input_lengths, device=x.device) - 1]
+        return self.logits(self.norm(x))
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, vocab) without targets; the mean next-token loss with them.
@@ -282,7 +340,7 @@ class GPT(nn.Module):
         ``targets`` uses -100 for positions that carry no loss (prompt tokens, padding).
         """
         h = self.hidden_states(idx)
-        logits = F.linear(h, self.output_weight())
+        logits = self.logits(h)
         if targets is None:
             return logits
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)

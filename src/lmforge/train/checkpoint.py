@@ -31,6 +31,7 @@ from .. import __version__
 from ..config import from_dict, to_dict
 from ..errors import LmforgeError
 from ..fileio import atomic_write_json
+from ..model import quant
 from ..model.gpt import GPT, GPTConfig
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -99,6 +100,8 @@ def save_checkpoint(
     weights = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
     save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     config = {"format": "lmforge", "lmforge_version": __version__, "model": to_dict(net.config), **(extra or {})}
+    if getattr(net, "quantization", None):  # set by model.quant.quantize_model
+        config["quantization"] = net.quantization
     atomic_write_json(tmp / "config.json", config)
     if tokenizer_file is not None:
         shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
@@ -154,16 +157,28 @@ def read_config(ckpt: Path) -> dict[str, Any]:
     return cfg
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Path]:
-    """The model of a checkpoint (or of a run's newest checkpoint) and the resolved path."""
+def load_model(
+    path: str | Path, device: str | torch.device = "cpu", quantize: str | None = None, group_size: int = 32
+) -> tuple[GPT, Path]:
+    """The model of a checkpoint (or of a run's newest checkpoint) and the resolved path.
+
+    A quantized checkpoint (config.json ``quantization``) loads as saved. ``quantize``
+    (none|bf16|int8|int4, int4 with ``group_size``) quantizes a full-precision checkpoint
+    after loading; asking a quantized checkpoint for another method is an error."""
     ckpt = resolve_checkpoint(path)
-    cfg = from_dict(GPTConfig, read_config(ckpt)["model"], "model")
+    full_config = read_config(ckpt)
+    cfg = from_dict(GPTConfig, full_config["model"], "model")
+    stored = quant.read_spec(full_config, str(ckpt))
+    quantize = quant.resolve_request(stored, quantize, str(ckpt))
     try:
         weights = load_file(str(ckpt / "model.safetensors"), device=str(device))
     except (SafetensorError, OSError) as e:
         raise LmforgeError(f"{ckpt}/model.safetensors cannot be read: {e}") from None
     with torch.device("meta"):
         model = GPT(cfg)
+        if stored is not None:
+            quant.apply_structure(model, stored)
+            quant.check_weights(model, weights, str(ckpt))
     model = model.to_empty(device=device)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
@@ -175,6 +190,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GP
 
         cos, sin = rope_tables(cfg.head_dim, cfg.context_length, cfg.rope_theta)
         model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
+    if quantize is not None:
+        quant.quantize_model(model, quantize, group_size)
     return model, ckpt
 
 
