@@ -183,7 +183,9 @@ def test_targets_norms_embeddings_and_biases_stay() -> None:
     emb = model.embed_tokens.weight.detach().clone()
     q = quantize_model(copy.deepcopy(model), "int4")
     names = {n for n, m in q.named_modules() if isinstance(m, Int4Linear)}
-    assert names == {f"layers.{i}.{p}" for i in range(2) for p in ("attn.qkv_proj", "attn.o_proj", "mlp.up_proj", "mlp.down_proj")} | {"lm_head"}
+    assert names == {f"layers.{i}.{p}" for i in range(2) for p in ("attn.qkv_proj", "attn.o_proj", "mlp.up_proj", "mlp.down_proj")}
+    assert isinstance(q.lm_head, Int8Linear)  # int4's output head is int8 by default (as in llama.cpp's Q4 files)
+    assert isinstance(quantize_model(copy.deepcopy(model), "int4", head="int4").lm_head, Int4Linear)
     assert not any(isinstance(m, torch.nn.Linear) for m in q.modules())
     # the tied model got its own quantized head; the embedding is untouched, full precision
     assert torch.equal(q.embed_tokens.weight, emb) and q.embed_tokens.weight.dtype == torch.float32
@@ -253,7 +255,7 @@ def test_save_reload_identical_logits(method: str, fp32_ckpt: Path, tmp_path: Pa
     q = quantize_model(model, method)
     path = save(q, tmp_path / method)
     cfg = json.loads((path / "config.json").read_text())
-    assert cfg["quantization"] == ({"method": "int4", "group_size": 32} if method == "int4" else {"method": method})
+    assert cfg["quantization"] == ({"method": "int4", "group_size": 32, "head": "int8"} if method == "int4" else {"method": method})
     again, _ = load_model(path)
     assert again.quantization == q.quantization
     with torch.no_grad():
@@ -274,7 +276,9 @@ def test_file_sizes_and_layout(fp32_ckpt: Path, tmp_path: Path) -> None:
         if method == "int4":
             assert w["layers.0.mlp.gate_up_proj.weight_int4"].dtype == torch.uint8
             assert w["layers.0.mlp.gate_up_proj.weight_int4"].shape == (2 * 192, 32)
-            assert w["lm_head.zeros"].shape == (VOCAB, 2) and w["lm_head.scales"].dtype == torch.bfloat16
+            assert w["layers.1.mlp.down_proj.zeros"].shape == (64, 192 // 32)
+            assert w["layers.1.mlp.down_proj.scales"].dtype == torch.bfloat16
+            assert w["lm_head.weight_int8"].shape == (VOCAB, 64)  # the head stays 8-bit
         else:
             assert w["lm_head.weight_int8"].shape == (VOCAB, 64) and w["lm_head.scales"].shape == (VOCAB,)
         assert w["embed_tokens.weight"].dtype == torch.float32
@@ -311,8 +315,9 @@ def test_load_errors(fp32_ckpt: Path, tmp_path: Path) -> None:
     shape = corrupt("shape", lambda w: w.update({"lm_head.scales": torch.zeros(VOCAB, 3, dtype=torch.bfloat16)}))
     with pytest.raises(LmforgeError, match="lm_head.scales has shape"):
         load_model(shape)
-    dtype = corrupt("dtype", lambda w: w.update({"lm_head.weight_int4": w["lm_head.weight_int4"].float()}))
-    with pytest.raises(LmforgeError, match="lm_head.weight_int4 is torch.float32"):
+    key = "layers.0.mlp.down_proj.weight_int4"
+    dtype = corrupt("dtype", lambda w: w.update({key: w[key].float()}))
+    with pytest.raises(LmforgeError, match=f"{key} is torch.float32"):
         load_model(dtype)
     cfg = json.loads((path / "config.json").read_text())
     cfg["quantization"] = {"method": "int2"}
@@ -331,7 +336,7 @@ def test_cli_quantize(tiny_checkpoint: Path, tmp_path: Path, capsys) -> None:
     ref, _ = load_model(tiny_checkpoint)
     idx = torch.randint(0, ref.config.vocab_size, (1, 16))
     with torch.no_grad():
-        assert isinstance(model.lm_head, Int4Linear) and rel_err(model(idx), ref(idx)) < 0.3
+        assert isinstance(model.lm_head, Int8Linear) and rel_err(model(idx), ref(idx)) < 0.3
 
     assert main(["quantize", str(tiny_checkpoint), str(out), "--method", "int8"]) == 2
     assert "already exists" in capsys.readouterr().err

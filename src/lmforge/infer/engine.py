@@ -120,8 +120,11 @@ class InferenceEngine:
         self.overflow = overflow
         emb = model.embed_tokens.weight
         self.device = emb.device
+        # On CPU the cache is fp32 whatever the model's dtype: decode attention (one query
+        # over the cache) measured 10 us in fp32 against 41 us in bf16 per SmolLM2 layer.
+        cache_dtype = torch.float32 if emb.device.type == "cpu" else emb.dtype
         self.cache = KVCache(
-            self.config, max_batch_size, max_len=self.max_seq_len, dtype=emb.dtype, device=emb.device
+            self.config, max_batch_size, max_len=self.max_seq_len, dtype=cache_dtype, device=emb.device
         )
         self.max_batch_size = max_batch_size
         self.waiting: deque[_Sequence] = deque()
