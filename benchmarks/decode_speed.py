@@ -15,7 +15,8 @@ Runners are interleaved in rounds in one process and the best round of each is r
 (ratios within one run are what this machine can compare; absolute numbers move with load).
 Then, for lmforge only: perplexity of fp32 / bf16 / int8 / int4 on held-out text (the first
 4096 tokens of Tiny Shakespeare, 4 windows of 1024), and peak RSS of a load + short
-generation for each dtype, each in a fresh subprocess.
+generation for each dtype, each in a fresh subprocess: loading a checkpoint saved in that
+form (`lmforge quantize`), and for int8/int4 also quantizing at load from the fp32 file.
 
     python benchmarks/decode_speed.py                  # ~6-8 min on an idle 2-core CPU
     python benchmarks/decode_speed.py --rounds 1 --tokens 32 --no-rss   # smoke test
@@ -139,12 +140,14 @@ def perplexity(model, tok) -> float:
 
 
 RSS_CHILD = """
-import resource, sys, torch
+import sys, torch
 torch.set_num_threads({threads})
 from lmforge.infer import load_engine, SamplingParams
 e = load_engine({ckpt!r}, dtype={dtype!r}, quantize={quant!r}, max_batch_size=1)
 e.generate(["Once upon a time"], SamplingParams(max_tokens=16, temperature=0))
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+# VmHWM, not ru_maxrss: Linux carries a parent's ru_maxrss into a forked child across exec
+hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(int(hwm.split()[1]) / 1024)
 """
 
 
@@ -231,9 +234,18 @@ def main() -> None:
     for name in VARIANTS:
         rows[name]["perplexity_change_pct"] = 100 * (rows[name]["perplexity"] / base - 1)
     if not args.no_rss:
+        from lmforge.model.quant import quantize_checkpoint
+
         for name, (dtype, quant) in VARIANTS.items():
-            rows[name]["peak_rss_mib"] = peak_rss_mib(ckpt, dtype, quant, args.threads)
-            print(f"  peak RSS {name:<16} {rows[name]['peak_rss_mib']:.0f} MiB", flush=True)
+            # a deployment loads a saved checkpoint of its own dtype; quantizing at load
+            # (from the fp32 file) also holds the fp32 weights for a moment
+            src = ckpt if quant is None and dtype == "float32" else quantize_checkpoint(
+                ckpt, tmp / f"q-{name.split()[-1]}", quant or "bf16")
+            rows[name]["peak_rss_mib"] = peak_rss_mib(src, dtype, None, args.threads)
+            if quant is not None:
+                rows[name]["peak_rss_mib_quantized_at_load"] = peak_rss_mib(ckpt, dtype, quant, args.threads)
+            print(f"  peak RSS {name:<16} {rows[name]['peak_rss_mib']:.0f} MiB "
+                  f"(file {(src / 'model.safetensors').stat().st_size / 2**20:.0f} MiB)", flush=True)
 
     print("\n| runner | prefill tok/s | decode tok/s | decode vs transformers | perplexity (change) | peak RSS MiB |")
     print("|---|---|---|---|---|---|")

@@ -179,17 +179,27 @@ def load_model(
         if stored is not None:
             quant.apply_structure(model, stored)
             quant.check_weights(model, weights, str(ckpt))
-    model = model.to_empty(device=device)
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    # Plain checkpoints: the loaded tensors become the parameters (assign=True, no second
+    # copy; SmolLM2's load peak fell from 1.3 to 0.8 GiB). Quantized modules get their
+    # tensors copied into fresh, aligned storage: PyTorch's int8 kernel crashed on
+    # tensors taken directly from the safetensors buffer.
+    if stored is not None:
+        model = model.to_empty(device=device)
+    missing, unexpected = model.load_state_dict(weights, strict=False, assign=stored is None)
     if missing or unexpected:
         raise LmforgeError(
             f"{ckpt}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
+    if stored is None:
+        model.float()  # plain checkpoints load as fp32 whatever their stored dtype
     if cfg.pos_embedding == "rope":  # non-persistent buffers are rebuilt, not stored
         from ..model.gpt import rope_tables
 
         cos, sin = rope_tables(cfg.head_dim, cfg.context_length, cfg.rope_theta)
         model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise LmforgeError(f"{ckpt}: no weights for {left[:3]}")
     if quantize is not None:
         quant.quantize_model(model, quantize, group_size)
     return model, ckpt
