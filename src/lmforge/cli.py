@@ -21,6 +21,8 @@ STAGES = """stages, in the order of a model's life:
   quickstart        the whole job on embedded data (Tiny Shakespeare): tokenizer, data, pretrain, samples
   tokenizer train   train a byte-level BPE or build a character tokenizer -> tokenizer.json
   data prepare      text / JSONL / Parquet -> tokenized train/val shards
+  data reddit       Pushshift Reddit dumps -> train/val chat conversations (also: data synth-reddit)
+  data clean|dedup|pii|augment   clean, deduplicate, mask PII in, augment corpora and conversations
   pretrain          train a GPT from scratch on prepared shards (next-token objective)
   sample            print continuations of a prompt from a checkpoint
   generate          complete prompts (arguments, a file or stdin) -> JSONL, batched
@@ -106,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="data stage").add_subparsers(dest="action", metavar="ACTION")
     _stage_parser(data, "prepare", "data", DataPrepareConfig, "tokenize a corpus into train/val token shards")
+    from .data.commands import add_parsers as add_data_parsers
+
+    add_data_parsers(data, _stage_parser)
 
     _stage_parser(
         sub,
@@ -200,6 +205,12 @@ def cmd_data_prepare(args) -> None:
     from .data.prepare import DataPrepareConfig, run_prepare
 
     run_prepare(load_config(DataPrepareConfig, "data", args.recipe, args.overrides))
+
+
+def cmd_data_pipeline(args) -> None:
+    from .data.commands import run_action
+
+    run_action(args.action, args)
 
 
 def _report_fit(result, out_dir: str) -> None:
@@ -323,6 +334,7 @@ HANDLERS: dict[tuple[str, str | None], Callable] = {
     ("quickstart", None): cmd_quickstart,
     ("tokenizer", "train"): cmd_tokenizer_train,
     ("data", "prepare"): cmd_data_prepare,
+    **{("data", a): cmd_data_pipeline for a in ("reddit", "clean", "dedup", "pii", "augment", "synth-reddit")},
     ("pretrain", None): cmd_pretrain,
     ("sample", None): cmd_sample,
     ("generate", None): cmd_generate,

@@ -6,10 +6,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, DataError, LmforgeError
-from .sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from .sampling import SamplingParams
 
 
 def add_engine_args(p: argparse.ArgumentParser, batch: bool = True) -> None:
@@ -43,6 +45,8 @@ def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 256, tempera
 
 
 def sampling_from_args(args: argparse.Namespace, tokenizer) -> SamplingParams:
+    from .sampling import SamplingParams
+
     stop_ids = []
     for t in args.stop_token:
         tid = int(t) if t.isdigit() else tokenizer.token_to_id(t)
@@ -117,6 +121,7 @@ def read_prompts(args: argparse.Namespace) -> list[Any]:
 
 def run_generate(args: argparse.Namespace) -> None:
     from ..tokenizer.chat import ChatTemplate
+    from .sampling import SamplingParams
 
     prompts = read_prompts(args)
     if not prompts:
@@ -183,6 +188,8 @@ def run_chat(args: argparse.Namespace) -> None:
 # ---- lmforge sample -----------------------------------------------------------------
 def print_samples(engine, prompt: str, n: int, params: SamplingParams) -> list[str]:
     """``n`` continuations of ``prompt`` (seeds seed, seed+1, ...), printed and returned."""
+    from .sampling import SamplingParams
+
     tok = engine.tokenizer
     if tok.unk_id is not None and tok.unk_id in tok.encode(prompt):
         raise LmforgeError("the prompt holds characters the tokenizer does not know")
