@@ -130,6 +130,10 @@ def test_requests_joining_mid_flight_and_abort(engine: InferenceEngine, tok: Tok
         assert engine.pop_completion(rid).token_ids == solo(tok, prompt, p).token_ids
     assert engine.pop_completion(b).finish_reason == "abort"
     assert not engine.abort("no-such-request")
+    waiting = engine.add_request("First", p)  # aborted before it ever ran
+    assert engine.abort(waiting) and not engine.has_unfinished()
+    gone = engine.pop_completion(waiting)
+    assert gone.finish_reason == "abort" and gone.token_ids == []
 
 
 # ---- sampling ------------------------------------------------------------------------------

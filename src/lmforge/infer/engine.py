@@ -195,6 +195,8 @@ class InferenceEngine:
         for s in list(self.waiting):
             if s.id == request_id:
                 self.waiting.remove(s)
+                s.finish_reason, s.finished_at = "abort", time.perf_counter()
+                self.finished[s.id] = s
                 return True
         for row, s in enumerate(self.running):
             if s.id == request_id:
