@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import io
 import json
 from pathlib import Path
 
@@ -147,16 +148,29 @@ def test_resolve_inputs(tmp_path: Path) -> None:
 
 
 def test_zst_input(tmp_path: Path) -> None:
+    """zstandard is a dependency: .zst corpora read like plain ones, including the 2 GiB
+    window of Pushshift dumps (a default decoder refuses it); a cut or corrupt file is one
+    DataError, never silently shorter data."""
+    import zstandard
+
     path = tmp_path / "d.jsonl.zst"
-    try:
-        import zstandard
-    except ImportError:
-        path.write_bytes(b"not really zstd")
-        with pytest.raises(DataError, match="needs the zstandard package"):
-            list(DocumentStream([str(path)]))
-    else:
-        path.write_bytes(zstandard.ZstdCompressor().compress(b'{"text": "a"}\n{"text": "b"}\n'))
-        assert list(DocumentStream([str(path)])) == ["a", "b"]
+    data = b'{"text": "a"}\n{"text": "b"}\n' * 2000
+    path.write_bytes(zstandard.ZstdCompressor().compress(data[:28]))
+    assert list(DocumentStream([str(path)])) == ["a", "b"]
+    params = zstandard.ZstdCompressionParameters.from_level(3, window_log=31, enable_ldm=True)
+    buf = io.BytesIO()  # streamed (no content size in the header), so the 2 GiB window stays
+    with zstandard.ZstdCompressor(compression_params=params).stream_writer(buf, closefd=False) as w:
+        w.write(data)
+    long_window = buf.getvalue()
+    assert zstandard.get_frame_parameters(long_window).window_size == 2**31
+    path.write_bytes(long_window)
+    assert len(list(DocumentStream([str(path)]))) == 4000
+    path.write_bytes(long_window[: len(long_window) // 2])
+    with pytest.raises(DataError, match="truncated"):
+        list(DocumentStream([str(path)]))
+    path.write_bytes(b"\x28\xb5\x2f\xfd not really zstd")
+    with pytest.raises(DataError, match="not a readable zstandard file|truncated"):
+        list(DocumentStream([str(path)]))
 
 
 def test_max_documents(tmp_path: Path) -> None:

@@ -16,12 +16,9 @@ Extra reject reasons of this reader, beside those of :mod:`~lmforge.data.sources
 
 from __future__ import annotations
 
-import gzip
-import io
 import os
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal
@@ -40,6 +37,8 @@ from .sources import (
     _shown,
     _strip_bom,
     detect_format,
+    open_compressed,
+    reading_errors,
 )
 
 ROLES = ("system", "user", "assistant")
@@ -108,75 +107,6 @@ def conversation_problem(messages: Any) -> str | None:
     if any(not m["content"].strip() for m in messages):
         return "an empty turn"
     return None
-
-
-MAX_WINDOW = 2**31  # the Pushshift dumps are compressed with zstd --long=31
-
-
-class _ZstdStream(io.RawIOBase):
-    """Decompressed bytes of a ``.zst`` file (frames concatenated, windows up to 2 GiB). Unlike
-    zstandard's stream reader, which ends quietly, a file cut inside a frame is a DataError."""
-
-    def __init__(self, raw: IO[bytes], path: Path) -> None:
-        import zstandard
-
-        self._dctx = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW)
-        self._obj = self._dctx.decompressobj()
-        self._raw, self._path = raw, path
-        self._buf, self._pos = b"", 0
-        self._in_frame = False
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: Any) -> int:
-        while self._pos >= len(self._buf):
-            data = self._raw.read(1 << 18)
-            if not data:
-                if self._in_frame:
-                    raise DataError(f"{self._path} is truncated: its last zstandard frame is incomplete")
-                return 0
-            parts = []
-            while data:
-                if self._obj.eof:
-                    self._obj = self._dctx.decompressobj()
-                parts.append(self._obj.decompress(data))
-                data = self._obj.unused_data if self._obj.eof else b""
-            self._in_frame = not self._obj.eof
-            self._buf, self._pos = b"".join(parts), 0
-        n = min(len(b), len(self._buf) - self._pos)
-        b[:n] = self._buf[self._pos : self._pos + n]
-        self._pos += n
-        return n
-
-    def close(self) -> None:
-        self._raw.close()
-        super().close()
-
-
-def open_compressed(path: Path, raw: IO[bytes] | None = None) -> IO[bytes]:
-    """A buffered binary stream of a file's bytes: ``.zst`` (windows up to 2 GiB, frames
-    concatenated, truncation detected), ``.gz``, or plain. ``raw``: the open file to read."""
-    raw = raw if raw is not None else open(path, "rb")  # noqa: SIM115 (returned open)
-    name = path.name.lower()
-    if name.endswith(".zst"):
-        return io.BufferedReader(_ZstdStream(raw, path), 1 << 20)
-    if name.endswith(".gz"):
-        return gzip.GzipFile(fileobj=raw, mode="rb")
-    return raw
-
-
-@contextmanager
-def reading_errors(path: Path) -> Iterator[None]:
-    """Turn a corrupt, truncated or unreadable compressed file into one :class:`DataError`."""
-    try:
-        yield
-    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
-        raise DataError(f"cannot read {path}: {e}") from None
-    except Exception as e:  # zstandard.ZstdError
-        if type(e).__module__.startswith("zstandard") or "zstd" in str(e).lower():
-            raise DataError(f"{path} is not a readable zstandard file ({e})") from None
-        raise
 
 
 class RecordReader:

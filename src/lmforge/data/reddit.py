@@ -57,8 +57,7 @@ from ..errors import ConfigError, DataError, LmforgeError
 from ..fileio import atomic_write_json
 from .conversations import Comment, ExtractOptions, Submission, extract_thread
 from .prepare import _mp_context, document_in_val
-from .records import open_compressed, reading_errors
-from .sources import Stats, resolve_inputs
+from .sources import Stats, open_compressed, reading_errors, resolve_inputs
 from .text import has_text, strip_markdown, unescape_html, url_only
 
 DUMP_SUFFIXES = (".zst", ".ndjson", ".jsonl", ".gz")  # found in directories (a .json file must be named)

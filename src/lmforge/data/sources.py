@@ -23,6 +23,7 @@ import io
 import json
 import os
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal
@@ -169,19 +170,73 @@ def resolve_inputs(inputs: Sequence[str] | str, fmt: Format = "auto") -> list[Pa
 
 
 # ------------------------------------------------------------------------------- readers
-def _open_binary(path: Path) -> IO[bytes]:
-    """Open a file for binary line reading, decompressing ``.gz`` and ``.zst``."""
-    suffix = path.suffix.lower()
-    if suffix == ".gz":
-        return gzip.open(path, "rb")
-    if suffix == ".zst":
-        try:
-            import zstandard
-        except ImportError:
-            raise DataError(f"reading {path} needs the zstandard package: pip install zstandard") from None
-        raw = open(path, "rb")
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=True))
-    return open(path, "rb")
+MAX_WINDOW = 2**31  # the Pushshift dumps are compressed with zstd --long=31
+
+
+class _ZstdStream(io.RawIOBase):
+    """Decompressed bytes of a ``.zst`` file (frames concatenated, windows up to 2 GiB). Unlike
+    zstandard's stream reader, which ends quietly, a file cut inside a frame is a DataError."""
+
+    def __init__(self, raw: IO[bytes], path: Path) -> None:
+        import zstandard
+
+        self._dctx = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW)
+        self._obj = self._dctx.decompressobj()
+        self._raw, self._path = raw, path
+        self._buf, self._pos = b"", 0
+        self._in_frame = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        while self._pos >= len(self._buf):
+            data = self._raw.read(1 << 18)
+            if not data:
+                if self._in_frame:
+                    raise DataError(f"{self._path} is truncated: its last zstandard frame is incomplete")
+                return 0
+            parts = []
+            while data:
+                if self._obj.eof:
+                    self._obj = self._dctx.decompressobj()
+                parts.append(self._obj.decompress(data))
+                data = self._obj.unused_data if self._obj.eof else b""
+            self._in_frame = not self._obj.eof
+            self._buf, self._pos = b"".join(parts), 0
+        n = min(len(b), len(self._buf) - self._pos)
+        b[:n] = self._buf[self._pos : self._pos + n]
+        self._pos += n
+        return n
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
+def open_compressed(path: Path, raw: IO[bytes] | None = None) -> IO[bytes]:
+    """A buffered binary stream of a file's bytes: ``.zst`` (windows up to 2 GiB, frames
+    concatenated, truncation detected), ``.gz``, or plain. ``raw``: the open file to read."""
+    raw = raw if raw is not None else open(path, "rb")  # noqa: SIM115 (returned open)
+    name = path.name.lower()
+    if name.endswith(".zst"):
+        return io.BufferedReader(_ZstdStream(raw, path), 1 << 20)
+    if name.endswith(".gz"):
+        return gzip.GzipFile(fileobj=raw, mode="rb")
+    return raw
+
+
+@contextmanager
+def reading_errors(path: Path) -> Iterator[None]:
+    """Turn a corrupt, truncated or unreadable compressed file into one :class:`DataError`."""
+    try:
+        yield
+    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
+        raise DataError(f"cannot read {path}: {e}") from None
+    except Exception as e:  # zstandard.ZstdError
+        if type(e).__module__.startswith("zstandard") or "zstd" in str(e).lower():
+            raise DataError(f"{path} is not a readable zstandard file ({e})") from None
+        raise
 
 
 def _decode(raw: bytes) -> str | None:
@@ -255,7 +310,7 @@ class DocumentStream:
 
     # Readers yield ``(line number, candidate text)`` and report their own rejects.
     def _read_text(self, path: Path) -> Iterator[tuple[int, str]]:
-        with _open_binary(path) as f:
+        with reading_errors(path), open_compressed(path) as f:
             if self.text_unit == "file":
                 data = f.read()
                 text = _decode(data)
@@ -287,7 +342,7 @@ class DocumentStream:
 
     def _read_jsonl(self, path: Path) -> Iterator[tuple[int, str]]:
         json_array_suspect = ".json" in [s.lower() for s in path.suffixes[-2:]]
-        with _open_binary(path) as f:
+        with reading_errors(path), open_compressed(path) as f:
             for line_no, raw in enumerate(f, 1):
                 line = _decode(_strip_bom(raw, line_no))
                 if line is None:
