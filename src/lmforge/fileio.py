@@ -9,6 +9,8 @@ import json
 import os
 import secrets
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -66,3 +68,29 @@ def atomic_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Pat
         tmp.unlink(missing_ok=True)
         raise
     return dst
+
+
+@contextmanager
+def staged_dir(out: str | os.PathLike[str], overwrite: bool = True) -> Iterator[Path]:
+    """A temporary sibling directory of ``out`` to write into; renamed into place when the
+    block succeeds, removed when it fails. Readers see the old output or the complete new
+    one, never half of it. An existing ``out`` is replaced only with ``overwrite``."""
+    out = Path(out)
+    refuse_existing(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        old = out.parent / f".old-{out.name}-{os.getpid()}"
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    else:
+        os.replace(tmp, out)

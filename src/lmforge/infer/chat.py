@@ -8,6 +8,7 @@ dropped (the system prompt stays); a single message too long for the context is 
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from collections.abc import Iterator
@@ -39,7 +40,7 @@ class ChatSession:
         self.template = template
         base = params or SamplingParams(temperature=0.7, top_p=0.9, max_tokens=512)
         stops = sorted(set(base.stop_token_ids) | set(end_of_turn_ids(engine.tokenizer)))
-        self.params = SamplingParams(**{**base.__dict__, "stop_token_ids": stops}).validate(engine.vocab_size)
+        self.params = dataclasses.replace(base, stop_token_ids=stops).validate(engine.vocab_size)
         self.system = system
         self.history: list[dict[str, str]] = []
         self.last_stats: dict[str, float] = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -70,6 +71,14 @@ def sampling_from_args(args: argparse.Namespace, tokenizer) -> SamplingParams:
     ).validate(tokenizer.vocab_size)
 
 
+def seeded(params: SamplingParams, n: int) -> list[SamplingParams]:
+    """``n`` copies of ``params`` with seeds seed, seed+1, ... (unseeded stays unseeded), so
+    a prompt's output does not depend on the batch it ran in."""
+    if params.seed is None:
+        return [params] * n
+    return [dataclasses.replace(params, seed=params.seed + i) for i in range(n)]
+
+
 def engine_from_args(args: argparse.Namespace, overflow: str = "error"):
     from .engine import load_engine
 
@@ -121,7 +130,6 @@ def read_prompts(args: argparse.Namespace) -> list[Any]:
 
 def run_generate(args: argparse.Namespace) -> None:
     from ..tokenizer.chat import ChatTemplate
-    from .sampling import SamplingParams
 
     prompts = read_prompts(args)
     if not prompts:
@@ -144,11 +152,7 @@ def run_generate(args: argparse.Namespace) -> None:
             texts.append(template.render([{"role": "user", "content": p}], add_generation_prompt=True))
         else:
             texts.append(p)
-    # one seed per prompt (seed + index) so a prompt's output does not depend on its batch
-    plist = [
-        SamplingParams(**{**params.__dict__, "seed": None if params.seed is None else params.seed + i})
-        for i in range(len(texts))
-    ]
+    plist = seeded(params, len(texts))
     out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
     try:
         results = engine.generate(texts, plist, progress=out is not sys.stdout)
@@ -188,15 +192,10 @@ def run_chat(args: argparse.Namespace) -> None:
 # ---- lmforge sample -----------------------------------------------------------------
 def print_samples(engine, prompt: str, n: int, params: SamplingParams) -> list[str]:
     """``n`` continuations of ``prompt`` (seeds seed, seed+1, ...), printed and returned."""
-    from .sampling import SamplingParams
-
     tok = engine.tokenizer
     if tok.unk_id is not None and tok.unk_id in tok.encode(prompt):
         raise LmforgeError("the prompt holds characters the tokenizer does not know")
-    plist = [
-        SamplingParams(**{**params.__dict__, "seed": None if params.seed is None else params.seed + i})
-        for i in range(n)
-    ]
+    plist = seeded(params, n)
     texts = []
     for i, c in enumerate(engine.generate([prompt] * n, plist)):
         text = prompt + c.text

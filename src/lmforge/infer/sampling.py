@@ -119,9 +119,9 @@ def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if p.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
+        probs = sorted_logits.softmax(-1)
         # drop a token when the tokens before it already reach top_p (the first always stays)
-        drop = (cum - sorted_logits.softmax(-1)) >= p.top_p
+        drop = (probs.cumsum(-1) - probs) >= p.top_p
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
     if p.min_p > 0.0:
         probs = logits.softmax(-1)

@@ -37,7 +37,7 @@ from safetensors.torch import load_file, save_file
 from .. import __version__
 from ..config import from_dict, to_dict
 from ..errors import LmforgeError
-from ..fileio import atomic_write_json, refuse_existing
+from ..fileio import atomic_write_json, staged_dir
 from ..model.gpt import GPTConfig, check_state_dict
 from ..tokenizer.base import token_name
 
@@ -79,30 +79,11 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
-class _Staging:
-    """A temporary sibling of ``out`` renamed into place on success (never half an output)."""
-
-    def __init__(self, out: Path, overwrite: bool) -> None:
-        self.out = out
-        refuse_existing(out, overwrite)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
-        if self.tmp.exists():
-            shutil.rmtree(self.tmp)
-        self.tmp.mkdir()
-
-    def commit(self) -> Path:
-        if self.out.exists():
-            old = self.out.parent / f".old-{self.out.name}-{os.getpid()}"
-            os.replace(self.out, old)
-            os.replace(self.tmp, self.out)
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-        else:
-            os.replace(self.tmp, self.out)
-        return self.out
-
-    def abort(self) -> None:
-        shutil.rmtree(self.tmp, ignore_errors=True)
+def copy_sidecars(src: Path, dst: Path) -> None:
+    """Copy the :data:`SIDECAR_FILES` that ``src`` has into ``dst``."""
+    for name in SIDECAR_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
 
 
 # ------------------------------------------------------------------------------ import
@@ -391,18 +372,12 @@ def import_hf(src: str | Path, out: str | Path, *, overwrite: bool = False) -> P
         "tokenizer": _special_tokens(src_dir, hf_cfg),
         "source": {"format": "huggingface", "architecture": arch, "model_type": hf_cfg.get("model_type"), "path": str(src)},
     }
-    stage = _Staging(Path(out), overwrite)
-    try:
-        save_file({k: v.contiguous() for k, v in weights.items()}, str(stage.tmp / "model.safetensors"), metadata={"format": "pt"})
-        atomic_write_json(stage.tmp / "config.json", config)
-        shutil.copyfile(src_dir / "tokenizer.json", stage.tmp / "tokenizer.json")
-        for name in SIDECAR_FILES:
-            if (src_dir / name).is_file():
-                shutil.copyfile(src_dir / name, stage.tmp / name)
-    except BaseException:
-        stage.abort()
-        raise
-    return stage.commit()
+    with staged_dir(out, overwrite) as tmp:
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        atomic_write_json(tmp / "config.json", config)
+        shutil.copyfile(src_dir / "tokenizer.json", tmp / "tokenizer.json")
+        copy_sidecars(src_dir, tmp)
+    return Path(out)
 
 
 # ------------------------------------------------------------------------------ export
@@ -579,15 +554,12 @@ def export_hf(ckpt: str | Path, out: str | Path, *, overwrite: bool = False) -> 
             hf_cfg |= {"use_sliding_window": False, "sliding_window": None, "max_window_layers": cfg.n_layer}
         hf_w = _to_llama(w, cfg, attention_bias, mlp_bias)
 
-    stage = _Staging(Path(out), overwrite)
-    try:
-        save_file(hf_w, str(stage.tmp / "model.safetensors"), metadata={"format": "pt"})
-        atomic_write_json(stage.tmp / "config.json", hf_cfg)
-        shutil.copyfile(path / "tokenizer.json", stage.tmp / "tokenizer.json")
-        for name in SIDECAR_FILES:
-            if (path / name).is_file():
-                shutil.copyfile(path / name, stage.tmp / name)
-        if not (stage.tmp / "tokenizer_config.json").is_file():
+    with staged_dir(out, overwrite) as tmp:
+        save_file(hf_w, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        atomic_write_json(tmp / "config.json", hf_cfg)
+        shutil.copyfile(path / "tokenizer.json", tmp / "tokenizer.json")
+        copy_sidecars(path, tmp)
+        if not (tmp / "tokenizer_config.json").is_file():
             tok_cfg: dict[str, Any] = {
                 "tokenizer_class": "PreTrainedTokenizerFast",
                 "model_max_length": cfg.context_length,
@@ -599,13 +571,10 @@ def export_hf(ckpt: str | Path, out: str | Path, *, overwrite: bool = False) -> 
                 if tokens.get(f"{role}_token"):
                     tok_cfg[f"{role}_token"] = tokens[f"{role}_token"]
             template = _chat_template(path, config)
-            if template is not None and not (stage.tmp / "chat_template.jinja").is_file():
+            if template is not None and not (tmp / "chat_template.jinja").is_file():
                 tok_cfg["chat_template"] = template
-            atomic_write_json(stage.tmp / "tokenizer_config.json", tok_cfg)
-        if not (stage.tmp / "generation_config.json").is_file():
+            atomic_write_json(tmp / "tokenizer_config.json", tok_cfg)
+        if not (tmp / "generation_config.json").is_file():
             gen = {k: v for k, v in ids.items() if v is not None}
-            atomic_write_json(stage.tmp / "generation_config.json", gen)
-    except BaseException:
-        stage.abort()
-        raise
-    return stage.commit()
+            atomic_write_json(tmp / "generation_config.json", gen)
+    return Path(out)

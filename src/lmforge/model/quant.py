@@ -44,7 +44,6 @@ config.json carries it as ``"quantization"`` and ``load_model`` rebuilds the mod
 from __future__ import annotations
 
 import fnmatch
-import shutil
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -429,7 +428,8 @@ def quantize_checkpoint(
     config.json (with its ``quantization`` section and the source's other sections),
     tokenizer.json and the tokenizer/chat-template side files. Atomic; an existing ``out``
     is replaced only with ``overwrite``."""
-    from ..io.hf import SIDECAR_FILES, _Staging
+    from ..fileio import staged_dir
+    from ..io.hf import copy_sidecars
     from ..train.checkpoint import (
         load_model,
         read_config,
@@ -446,17 +446,11 @@ def quantize_checkpoint(
     out = Path(out)
     if out.resolve() == ckpt.resolve():
         raise LmforgeError("the output must differ from the checkpoint being quantized")
-    stage = _Staging(out, overwrite)
-    try:
+    with staged_dir(out, overwrite) as tmp:
         model, _ = load_model(ckpt)
         quantize_model(model, method, group_size)
         extra = {k: v for k, v in config.items() if k not in ("format", "lmforge_version", "model", "quantization")}
         tok = ckpt / "tokenizer.json"
-        save_checkpoint(stage.tmp, model, tok if tok.is_file() else None, extra=extra)
-        for name in SIDECAR_FILES:
-            if (ckpt / name).is_file():
-                shutil.copyfile(ckpt / name, stage.tmp / name)
-    except BaseException:
-        stage.abort()
-        raise
-    return stage.commit()
+        save_checkpoint(tmp, model, tok if tok.is_file() else None, extra=extra)
+        copy_sidecars(ckpt, tmp)
+    return out

@@ -17,7 +17,6 @@ the run directory and picks its newest one.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -30,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from .. import __version__
 from ..config import from_dict, to_dict
 from ..errors import LmforgeError
-from ..fileio import atomic_write_json
+from ..fileio import atomic_write_json, staged_dir
 from ..model import quant
 from ..model.gpt import GPT, GPTConfig
 
@@ -91,35 +90,24 @@ def save_checkpoint(
 ) -> Path:
     """Write a checkpoint atomically to ``path`` (replacing one already there)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".tmp-{path.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    net = unwrap(model)
-    weights = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
-    save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    config = {"format": "lmforge", "lmforge_version": __version__, "model": to_dict(net.config), **(extra or {})}
-    if getattr(net, "quantization", None):  # set by model.quant.quantize_model
-        config["quantization"] = net.quantization
-    atomic_write_json(tmp / "config.json", config)
-    if tokenizer_file is not None:
-        shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
-    if optimizer is not None:
-        tensors, meta = _flatten_optimizer(optimizer.state_dicts())
-        tensors["rng.cpu"] = torch.get_rng_state()
-        if torch.cuda.is_available():
-            for i, s in enumerate(torch.cuda.get_rng_state_all()):
-                tensors[f"rng.cuda.{i}"] = s
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
-        atomic_write_json(tmp / "trainer_state.json", {**(trainer_state or {}), "optimizer": meta})
-    old = None
-    if path.exists():
-        old = path.parent / f".old-{path.name}-{os.getpid()}"
-        os.replace(path, old)
-    os.replace(tmp, path)
-    if old is not None:
-        shutil.rmtree(old)
+    with staged_dir(path) as tmp:
+        net = unwrap(model)
+        weights = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
+        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        config = {"format": "lmforge", "lmforge_version": __version__, "model": to_dict(net.config), **(extra or {})}
+        if getattr(net, "quantization", None):  # set by model.quant.quantize_model
+            config["quantization"] = net.quantization
+        atomic_write_json(tmp / "config.json", config)
+        if tokenizer_file is not None:
+            shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
+        if optimizer is not None:
+            tensors, meta = _flatten_optimizer(optimizer.state_dicts())
+            tensors["rng.cpu"] = torch.get_rng_state()
+            if torch.cuda.is_available():
+                for i, s in enumerate(torch.cuda.get_rng_state_all()):
+                    tensors[f"rng.cuda.{i}"] = s
+            save_file(tensors, str(tmp / "optimizer.safetensors"))
+            atomic_write_json(tmp / "trainer_state.json", {**(trainer_state or {}), "optimizer": meta})
     return path
 
 
