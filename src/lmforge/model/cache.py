@@ -75,8 +75,14 @@ class KVCache:
             raise LmforgeError(f"cache rows {start}:{stop} are outside 0:{self.n_rows}")
         return CacheView(self, start, stop)
 
+    #: Virtual-token keys/values (prefix- or prompt-tuning) that start every row, or None.
+    prefix: tuple[torch.Tensor, torch.Tensor] | None = None
+
     def reset_row(self, row: int) -> None:
-        self.lengths[row] = 0
+        if self.prefix is not None:
+            self.prefill_prefix(row, *self.prefix)
+        else:
+            self.lengths[row] = 0
 
     def move_row(self, src: int, dst: int) -> None:
         """Copy row ``src`` (its filled positions) into row ``dst``."""

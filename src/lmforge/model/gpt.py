@@ -51,6 +51,8 @@ class GPTConfig:
     tie_embeddings: bool = True
     dropout: float = 0.0
     init_std: float = 0.02
+    num_labels: int = 0  # > 0: a sequence-classification head ``score`` on the last real token
+
 
     __presets__ = staticmethod(get_preset)
 
@@ -72,6 +74,8 @@ class GPTConfig:
         for name in ("vocab_size", "context_length", "n_layer", "n_head", "n_embd"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.num_labels < 0:
+            raise ValueError(f"num_labels must not be negative, got {self.num_labels}")
         if self.n_head % self.n_kv_head:
             raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
         if self.pos_embedding == "rope" and self.head_dim % 2:
@@ -180,11 +184,20 @@ class Attention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv is not None:
             return self.o_proj(self._cached_attention(q, k, v, kv).transpose(1, 2).reshape(B, T, -1))
+        prefix = self.__dict__.get("prefix")  # prefix-tuning: learned keys/values before the tokens
+        if prefix is not None:
+            pk, pv = prefix()  # (n_kv_head, P, head_dim)
+            k = torch.cat([pk.to(k.dtype).expand(B, -1, -1, -1), k], dim=2)
+            v = torch.cat([pv.to(v.dtype).expand(B, -1, -1, -1), v], dim=2)
         if self.n_kv_head != self.n_head:
             rep = self.n_head // self.n_kv_head
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         dropout = self.dropout if self.training else 0.0
-        if use_math_attention(self.impl, q):
+        if prefix is not None:  # every query sees the whole prefix, then the tokens causally
+            S = k.shape[2]
+            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril_(S - T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        elif use_math_attention(self.impl, q):
             y = math_attention(q, k, v, dropout)
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
@@ -257,6 +270,8 @@ class GPT(nn.Module):
         self.norm = make_norm(cfg)
         if not cfg.tie_embeddings:
             self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.num_labels:  # GPT2ForSequenceClassification's head (no bias)
+            self.score = nn.Linear(cfg.n_embd, cfg.num_labels, bias=False)
         if cfg.pos_embedding == "rope":
             cos, sin = rope_tables(cfg.head_dim, cfg.context_length, cfg.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)
@@ -291,26 +306,60 @@ class GPT(nn.Module):
         head = self._modules.get("lm_head")
         return head(h) if head is not None else F.linear(h, self.embed_tokens.weight)
 
+    #: Leading virtual positions that precede every sequence: a soft prompt (prompt-tuning,
+    #: ``soft_prompt`` module) or learned per-layer keys/values (prefix-tuning, each
+    #: ``Attention.prefix``). Set by :mod:`lmforge.model.peft`; 0 for a plain model.
+    virtual_tokens: int = 0
+
     def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
         """Final normalised hidden states (B, T, n_embd) for token ids (B, T)."""
-        T = idx.shape[1]
-        if T > self.config.context_length:
-            raise ValueError(f"sequence length {T} exceeds context_length {self.config.context_length}")
+        B, T = idx.shape
+        P = self.virtual_tokens
+        if T + P > self.config.context_length:
+            raise ValueError(f"sequence length {T + P} exceeds context_length {self.config.context_length}")
         x = self.embed_tokens(idx)
+        soft = self._modules.get("soft_prompt")
+        start = 0 if soft is not None else P  # after a prefix, tokens take positions P, P+1, ...
+        if soft is not None:
+            x = torch.cat([soft.embeddings.to(x.dtype).expand(B, -1, -1), x], dim=1)
+        n = x.shape[1]
         if self.config.pos_embedding == "learned":
-            x = x + self.embed_positions(torch.arange(T, device=idx.device))
+            x = x + self.embed_positions(torch.arange(start, start + n, device=idx.device))
         x = self.drop(x)
-        rope = (self.rope_cos[:T], self.rope_sin[:T]) if self.config.pos_embedding == "rope" else None
+        rope = None
+        if self.config.pos_embedding == "rope":
+            rope = (self.rope_cos[start : start + n], self.rope_sin[start : start + n])
         for layer in self.layers:
             x = layer(x, rope)
-        return self.norm(x)
+        x = self.norm(x)
+        return x[:, P:] if soft is not None else x
+
+    @torch.no_grad()
+    def virtual_prefix_kv(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The cache entries of the virtual tokens, (n_layer, n_kv_head, P, head_dim) keys and
+        values, for :meth:`KVCache.prefill_prefix` (None without virtual tokens). Causal
+        attention makes them independent of what follows, so they are computed once."""
+        P = self.virtual_tokens
+        if not P:
+            return None
+        soft = self._modules.get("soft_prompt")
+        if soft is None:
+            pairs = [layer.attn.__dict__["prefix"]() for layer in self.layers]
+            return torch.stack([k for k, _ in pairs]), torch.stack([v for _, v in pairs])
+        from .cache import KVCache
+
+        w = self.embed_tokens.weight
+        cache = KVCache(self.config, 1, capacity=P, dtype=w.dtype, device=w.device)
+        self.forward_cached(None, cache.rows(0, 1), embeds=soft.embeddings.to(w.dtype)[None])
+        return cache.k[:, 0, :, :P].clone(), cache.v[:, 0, :, :P].clone()
 
     def forward_cached(
         self,
-        idx: torch.Tensor,
+        idx: torch.Tensor | None,
         cache: CacheView,
         input_lengths: list[int] | None = None,
         logits: Literal["last", "all"] = "last",
+        embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Inference forward through a KV cache: ``idx`` (B, T) continues each cache row.
 
@@ -318,11 +367,12 @@ class GPT(nn.Module):
         ``input_lengths`` marks how many of a row's T tokens are real when prompts of
         different lengths are right-padded into one batch. Returns the logits of each row's
         last real token (B, vocab), or of every position (B, T, vocab) with ``logits="all"``.
+        ``embeds`` (B, T, n_embd) replaces the token embeddings (soft prompts).
         """
-        B, T = idx.shape
+        x = self.embed_tokens(idx) if embeds is None else embeds
+        B, T = x.shape[:2]
         cache.begin(T, input_lengths)
         pos = cache.positions
-        x = self.embed_tokens(idx)
         if self.config.pos_embedding == "learned":
             x = x + self.embed_positions(pos)
         rope = None
@@ -337,6 +387,24 @@ class GPT(nn.Module):
             else:
                 x = x[torch.arange(B, device=x.device), torch.tensor(input_lengths, device=x.device) - 1]
         return self.logits(self.norm(x))
+
+    def add_classification_head(self, num_labels: int) -> None:
+        """Give a language model a fresh ``score`` head (N(0, init_std)) for ``num_labels`` classes."""
+        if num_labels < 2:
+            raise LmforgeError(f"a classifier needs at least 2 labels, got {num_labels}")
+        w = self.embed_tokens.weight
+        self.score = nn.Linear(self.config.n_embd, num_labels, bias=False, device=w.device)
+        nn.init.normal_(self.score.weight, std=self.config.init_std)
+        self.config.num_labels = num_labels
+
+    def classify(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Class logits (B, num_labels) from the hidden state of each row's last real token;
+        ``idx`` (B, T) is right-padded and ``lengths`` (B,) counts each row's real tokens."""
+        if not self.config.num_labels:
+            raise LmforgeError("this model has no classification head (model.num_labels is 0)")
+        h = self.hidden_states(idx)
+        last = h[torch.arange(idx.shape[0], device=idx.device), lengths - 1]
+        return self.score(last)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, vocab) without targets; the mean next-token loss with them.

@@ -102,7 +102,9 @@ class _QuantLinear(nn.Module):
             bias = None if self.bias is None else self.bias.to(x.dtype)
             return F.linear(x, self.dequantize(x.dtype), bias)
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        if x2.shape[0] >= self.gemm_rows:  # prefill: a bf16 GEMM
+        # prefill, or training through a frozen quantized base (QLoRA: the fused kernels have
+        # no backward for the input): a bf16 GEMM
+        if x2.shape[0] >= self.gemm_rows or x2.requires_grad:
             y = F.linear(x2, self.dequantize(torch.bfloat16))
         else:  # decode: the fused weight-only kernel
             y = self._kernel(x2.contiguous())

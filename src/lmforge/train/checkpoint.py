@@ -87,17 +87,37 @@ def save_checkpoint(
     optimizer=None,
     trainer_state: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
+    sidecars_from: str | Path | None = None,
+    base_checkpoint: str | Path | None = None,
 ) -> Path:
-    """Write a checkpoint atomically to ``path`` (replacing one already there)."""
+    """Write a checkpoint atomically to ``path`` (replacing one already there).
+
+    A model carrying a parameter-efficient adapter (``model.peft``) is saved as an *adapter
+    checkpoint*: only the adapter's tensors (see :mod:`lmforge.model.peft.io`) and the path of
+    ``base_checkpoint``, which :func:`load_model` loads first. ``sidecars_from`` copies an
+    imported model's tokenizer and chat-template files."""
     path = Path(path)
     with staged_dir(path) as tmp:
         net = unwrap(model)
-        weights = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
-        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         config = {"format": "lmforge", "lmforge_version": __version__, "model": to_dict(net.config), **(extra or {})}
-        if getattr(net, "quantization", None):  # set by model.quant.quantize_model
-            config["quantization"] = net.quantization
+        if getattr(net, "peft", None) is not None:
+            from ..model.peft.io import save_adapter
+
+            if base_checkpoint is None:
+                raise LmforgeError("an adapter checkpoint needs the path of its base checkpoint")
+            base = str(Path(base_checkpoint).resolve())
+            save_adapter(tmp, net, base_checkpoint=base)
+            config["adapter"] = {"method": net.peft.cfg.method, "base_checkpoint": base}
+        else:
+            weights = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
+            save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            if getattr(net, "quantization", None):  # set by model.quant.quantize_model
+                config["quantization"] = net.quantization
         atomic_write_json(tmp / "config.json", config)
+        if sidecars_from is not None:
+            from ..io.hf import copy_sidecars
+
+            copy_sidecars(Path(sidecars_from), tmp)
         if tokenizer_file is not None:
             shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
         if optimizer is not None:
@@ -125,12 +145,14 @@ def resolve_checkpoint(path: str | Path) -> Path:
     p = Path(path)
     if not p.exists():
         raise LmforgeError(f"checkpoint not found: {path}")
-    if (p / "model.safetensors").is_file():
+    if (p / "model.safetensors").is_file() or (p / "adapter_model.safetensors").is_file():
         return p
     found = list_checkpoints(p)
     if found:
         return found[-1]
-    raise LmforgeError(f"{path} holds no checkpoint (expected model.safetensors or checkpoints/step_*)")
+    raise LmforgeError(
+        f"{path} holds no checkpoint (expected model.safetensors, adapter_model.safetensors or checkpoints/step_*)"
+    )
 
 
 def read_config(ckpt: Path) -> dict[str, Any]:
@@ -155,6 +177,16 @@ def load_model(
     after loading; asking a quantized checkpoint for another method is an error."""
     ckpt = resolve_checkpoint(path)
     full_config = read_config(ckpt)
+    if not (ckpt / "model.safetensors").is_file():  # an adapter checkpoint: its base, then the adapter
+        from ..model.peft.io import load_adapter
+
+        base = (full_config.get("adapter") or {}).get("base_checkpoint")
+        if not base:
+            raise LmforgeError(f"{ckpt} is an adapter without a base_checkpoint in its config.json")
+        if not Path(base).exists():
+            raise LmforgeError(f"the base checkpoint of adapter {ckpt} is missing: {base}")
+        model, _ = load_model(base, device, quantize, group_size)
+        return load_adapter(model, ckpt), ckpt
     cfg = from_dict(GPTConfig, full_config["model"], "model")
     stored = quant.read_spec(full_config, str(ckpt))
     quantize = quant.resolve_request(stored, quantize, str(ckpt))

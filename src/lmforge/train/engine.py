@@ -123,8 +123,22 @@ class Engine:
         log: LogConfig | None = None,
         tokenizer_file: str | Path | None = None,
         run_config: dict[str, Any] | None = None,
+        hooks: list[Any] | None = None,
+        checkpoint_extra: dict[str, Any] | None = None,
+        sidecars_from: str | Path | None = None,
+        base_checkpoint: str | Path | None = None,
     ):
+        """``hooks``: objects with optional ``extra_loss()`` (a term added to every micro-batch's
+        loss, e.g. AdaLoRA's orthogonality penalty), ``after_step(step)`` (called after the
+        optimizer step with the gradients still present, e.g. AdaLoRA's rank allocation) and
+        ``metrics()`` (logged with the train metrics). ``checkpoint_extra`` goes into every
+        checkpoint's config.json; ``sidecars_from`` and ``base_checkpoint`` as in
+        :func:`~lmforge.train.checkpoint.save_checkpoint`."""
         self.cfg = cfg
+        self.hooks = list(hooks or [])
+        self.checkpoint_extra = dict(checkpoint_extra or {})
+        self.sidecars_from = sidecars_from
+        self.base_checkpoint = base_checkpoint
         self.out_dir = Path(out_dir)
         self.log_cfg = log or LogConfig()
         self.tokenizer_file = tokenizer_file
@@ -186,11 +200,22 @@ class Engine:
         from safetensors.torch import load_file
 
         saved = json.loads((ckpt / "config.json").read_text())["model"]
-        mine = to_dict(unwrap(self.model).config)
+        net = unwrap(self.model)
+        mine = to_dict(net.config)
         if saved != mine:
             diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
             raise ConfigError(f"cannot resume {ckpt}: the model settings differ ({', '.join(diff)})")
-        unwrap(self.model).load_state_dict(load_file(str(ckpt / "model.safetensors"), device=str(self.device)))
+        if getattr(net, "peft", None) is not None:  # an adapter checkpoint: only the trained tensors
+            from ..model.peft.io import WEIGHTS_FILE, from_peft_names, read_adapter_meta
+
+            weights = load_file(str(ckpt / WEIGHTS_FILE), device=str(self.device))
+            if read_adapter_meta(ckpt).get("naming") == "peft":
+                weights = from_peft_names(weights, net)
+            missing, unexpected = net.load_state_dict(weights, strict=False)
+            if unexpected or any(n in missing for n, p in net.named_parameters() if p.requires_grad):
+                raise ConfigError(f"cannot resume {ckpt}: its adapter does not match this run's peft settings")
+        else:
+            net.load_state_dict(load_file(str(ckpt / "model.safetensors"), device=str(self.device)))
         state = load_training_state(ckpt, self.optimizer)
         self.step = int(state["step"])
         return ckpt
@@ -205,7 +230,9 @@ class Engine:
                 self.tokenizer_file,
                 optimizer=self.optimizer,
                 trainer_state=state,
-                extra={"step": self.step, "run": self.run_config},
+                extra={**self.checkpoint_extra, "step": self.step, "run": self.run_config},
+                sidecars_from=self.sidecars_from,
+                base_checkpoint=self.base_checkpoint,
             )
             for old in list_checkpoints(self.out_dir)[: -self.cfg.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -256,6 +283,9 @@ class Engine:
                 with nullcontext() if sync else self.forward_model.no_sync():
                     with self.autocast():
                         loss, metrics = self.objective.loss(self.forward_model, batch)
+                        extra = [t for h in self.hooks if (t := getattr(h, "extra_loss", lambda: None)()) is not None]
+                    if extra:
+                        loss = loss + sum(extra)
                     scaled = loss * (weights[m] / total_w * dist.world_size)
                     (self.scaler.scale(scaled) if self.scaler else scaled).backward()
                 loss_sum += loss.detach().float() * weights[m]
@@ -273,6 +303,9 @@ class Engine:
                 self.scaler.update()
             else:
                 self.optimizer.step()
+            for hook in self.hooks:
+                if hasattr(hook, "after_step"):
+                    hook.after_step(self.step + 1)
             self.optimizer.zero_grad()
             self.step += 1
             step_tokens *= dist.world_size
@@ -292,6 +325,8 @@ class Engine:
                 row = {"loss": train_loss, "lr": cfg.lr * lr_mult, "tokens_per_s": tps}
                 if grad_norm is not None:
                     row["grad_norm"] = float(grad_norm)
+                for hook in self.hooks:
+                    row.update(getattr(hook, "metrics", dict)())
                 if hasattr(net, "flops_per_token"):
                     row["tflops"] = tps * net.flops_per_token() / 1e12
                 logger.log(self.step, "train", row)

@@ -1,0 +1,207 @@
+"""Adapter files: only the trained tensors, in the PEFT directory format where one exists.
+
+An adapter directory holds::
+
+    adapter_model.safetensors   the adapter's tensors
+    adapter_config.json         PEFT's LoraConfig (LoRA / DoRA on Llama-family models only)
+    lmforge_adapter.json        method, settings, the base model's config and checkpoint
+
+LoRA and DoRA adapters of a Llama-family model (the targets q/k/v/o/gate/up/down_proj) use
+PEFT's tensor names (``base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight``) and
+config, so ``PeftModel.from_pretrained`` loads them onto the exported Hugging Face model and
+``vllm serve --enable-lora`` serves them. Other methods (and classification heads) keep
+lmforge's names. :func:`load_adapter` also reads a LoRA adapter written by ``peft`` itself.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ...config import from_dict, to_dict
+from ...errors import LmforgeError
+from ...fileio import atomic_write_json
+from . import PROJECTIONS, PeftConfig, adapter_state_dict, apply_peft
+
+META_FILE = "lmforge_adapter.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PEFT_CONFIG_FILE = "adapter_config.json"
+
+_MINE = re.compile(r"^layers\.(\d+)\.(attn|mlp)\.\w+\.(lora_A|lora_B|lora_magnitude)\.(\w+)$")
+_THEIRS = re.compile(
+    r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector)$"
+)
+_SUFFIX = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_magnitude": "lora_magnitude_vector"}
+_PART = {v: k for k, v in _SUFFIX.items()}
+
+
+def is_adapter_dir(path: Path) -> bool:
+    return (path / WEIGHTS_FILE).is_file()
+
+
+def _peft_compatible(model, cfg: PeftConfig) -> bool:
+    """Whether this adapter has a PEFT equivalent on the exported Hugging Face model."""
+    if cfg.method not in ("lora", "dora") or cfg.modules_to_save:
+        return False
+    c = model.config
+    llama = c.pos_embedding == "rope" and c.norm == "rmsnorm" and c.mlp == "swiglu" and not c.qk_norm
+    targets = cfg.target_modules if cfg.target_modules != ["all-linear"] else list(PROJECTIONS)
+    return llama and all(t in PROJECTIONS for t in targets)
+
+
+def to_peft_names(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, t in weights.items():
+        m = _MINE.match(name)
+        if m is None:
+            raise LmforgeError(f"adapter tensor {name} has no PEFT name")
+        i, block, part, target = m.groups()
+        sub = "self_attn" if block == "attn" else "mlp"
+        out[f"base_model.model.model.layers.{i}.{sub}.{target}.{_SUFFIX[part]}"] = t
+    return out
+
+
+def from_peft_names(weights: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
+    from . import projection_slices
+
+    table = projection_slices(model)
+    out = {}
+    for name, t in weights.items():
+        m = _THEIRS.match(name)
+        if m is None:
+            raise LmforgeError(f"adapter tensor {name!r} is not a PEFT LoRA tensor of a Llama-family model")
+        i, _, target, part = m.groups()
+        if target not in table:
+            raise LmforgeError(f"adapter tensor {name!r} targets {target}, which this model does not have")
+        path = table[target][int(i)][0]
+        out[f"layers.{i}.{path}.{_PART[part]}.{target}"] = t
+    return out
+
+
+def save_adapter(out: Path, model, *, base_checkpoint: str | None, extra: dict[str, Any] | None = None) -> None:
+    """Write ``model``'s adapter into directory ``out`` (which exists)."""
+    handle = model.peft
+    cfg: PeftConfig = handle.cfg
+    weights = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()}
+    peft_names = _peft_compatible(model, cfg)
+    if peft_names:
+        weights = to_peft_names(weights)
+        targets = cfg.target_modules if cfg.target_modules != ["all-linear"] else list(PROJECTIONS)
+        atomic_write_json(
+            out / PEFT_CONFIG_FILE,
+            {
+                "peft_type": "LORA",
+                "task_type": "CAUSAL_LM",
+                "r": cfg.r,
+                "lora_alpha": cfg.alpha,
+                "lora_dropout": cfg.dropout,
+                "target_modules": targets,
+                "use_dora": cfg.method == "dora",
+                "bias": "none",
+                "fan_in_fan_out": False,
+                "init_lora_weights": True,
+                "inference_mode": True,
+                "modules_to_save": None,
+                "base_model_name_or_path": base_checkpoint,
+            },
+        )
+    save_file(weights, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    meta = {
+        "format": "lmforge-adapter",
+        "method": cfg.method,
+        "naming": "peft" if peft_names else "lmforge",
+        "peft": to_dict(cfg),
+        "base_model": to_dict(model.config),
+        "base_checkpoint": base_checkpoint,
+        **(extra or {}),
+    }
+    atomic_write_json(out / META_FILE, meta)
+
+
+def read_adapter_meta(adapter_dir: Path) -> dict[str, Any]:
+    """The adapter's lmforge metadata, or one built from a PEFT LoRA config written by ``peft``."""
+    meta_path, peft_path = adapter_dir / META_FILE, adapter_dir / PEFT_CONFIG_FILE
+    try:
+        if meta_path.is_file():
+            return json.loads(meta_path.read_text(encoding="utf-8"))
+        if peft_path.is_file():
+            pc = json.loads(peft_path.read_text(encoding="utf-8"))
+            if pc.get("peft_type") != "LORA":
+                raise LmforgeError(f"{adapter_dir}: only PEFT LoRA adapters can be loaded, this is {pc.get('peft_type')}")
+            targets = pc.get("target_modules") or []
+            if isinstance(targets, str):
+                raise LmforgeError(f"{adapter_dir}: target_modules given as a regex ({targets!r}) is not supported")
+            return {
+                "method": "dora" if pc.get("use_dora") else "lora",
+                "naming": "peft",
+                "peft": {
+                    "method": "dora" if pc.get("use_dora") else "lora",
+                    "r": pc["r"],
+                    "alpha": pc.get("lora_alpha", pc["r"]),
+                    "dropout": pc.get("lora_dropout", 0.0),
+                    "target_modules": sorted(targets),
+                },
+                "base_model": None,
+                "base_checkpoint": pc.get("base_model_name_or_path"),
+            }
+    except json.JSONDecodeError as e:
+        raise LmforgeError(f"{adapter_dir}: adapter metadata is not valid JSON: {e}") from None
+    except KeyError as e:
+        raise LmforgeError(f"{adapter_dir}/{PEFT_CONFIG_FILE} lacks {e}") from None
+    raise LmforgeError(f"{adapter_dir} is not an adapter directory (no {META_FILE} or {PEFT_CONFIG_FILE})")
+
+
+def load_adapter(model, adapter_dir: str | Path, *, quantized_base: bool = True):
+    """Apply the adapter saved in ``adapter_dir`` to a loaded base ``model`` (in place; returned).
+
+    The adapter must have been trained on this base: its recorded base config must equal the
+    model's (else a clear error naming the differing settings), and every tensor must match
+    a slot of the right shape. ``quantized_base=False`` ignores a QLoRA adapter's base
+    quantization (for merging into the full-precision base)."""
+    adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        raise LmforgeError(f"adapter not found: {adapter_dir}")
+    meta = read_adapter_meta(adapter_dir)
+    base = meta.get("base_model")
+    if base is not None:
+        labels = int(base.get("num_labels") or 0)
+        if labels and not model.config.num_labels:  # a classifier adapter carries its head
+            model.add_classification_head(labels)
+        mine = to_dict(model.config)
+        diff = sorted(k for k in set(base) | set(mine) if base.get(k) != mine.get(k))
+        if diff:
+            shown = ", ".join(f"{k}: adapter {base.get(k)!r} vs model {mine.get(k)!r}" for k in diff[:4])
+            raise LmforgeError(f"{adapter_dir} was trained on a different base model ({shown})")
+    try:
+        weights = load_file(str(adapter_dir / WEIGHTS_FILE))
+    except (SafetensorError, OSError) as e:
+        raise LmforgeError(f"{adapter_dir}/{WEIGHTS_FILE} cannot be read: {e}") from None
+    cfg = from_dict(PeftConfig, meta["peft"], "peft")
+    if not quantized_base and cfg.quantize_base != "none":
+        cfg.quantize_base = "none"
+    if meta.get("naming") == "peft":
+        weights = from_peft_names(weights, model)
+    apply_peft(model, cfg)
+    slots = dict(model.named_parameters())
+    expected = {n for n, p in slots.items() if p.requires_grad}
+    missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
+    if missing or unexpected:
+        raise LmforgeError(
+            f"{adapter_dir} does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    with torch.no_grad():
+        for name, t in weights.items():
+            if tuple(slots[name].shape) != tuple(t.shape):
+                raise LmforgeError(
+                    f"{adapter_dir}: {name} has shape {tuple(t.shape)}, the model needs {tuple(slots[name].shape)}"
+                )
+            slots[name].copy_(t)
+    if model.peft.allocator is not None:  # AdaLoRA: pruned singular values stay pruned
+        model.peft.allocator = None
+    return model
