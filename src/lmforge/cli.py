@@ -24,6 +24,9 @@ STAGES = """stages, in the order of a model's life:
   data reddit       Pushshift Reddit dumps -> train/val chat conversations (also: data synth-reddit)
   data clean|dedup|pii|augment   clean, deduplicate, mask PII in, augment corpora and conversations
   pretrain          train a GPT from scratch on prepared shards (next-token objective)
+  finetune          adapt a model: chat SFT, classification, DPO; full or LoRA/QLoRA/DoRA/AdaLoRA/IA3/
+                    adapters/prefix/prompt tuning (saves only the adapter)
+  merge             fold a LoRA/DoRA/AdaLoRA/IA3 adapter into its base -> a plain checkpoint
   sample            print continuations of a prompt from a checkpoint
   generate          complete prompts (arguments, a file or stdin) -> JSONL, batched
   chat              talk to a model: multi-turn REPL with streaming, /reset, /system
@@ -120,6 +123,27 @@ def build_parser() -> argparse.ArgumentParser:
         "train a GPT from scratch on prepared shards",
         lambda p: p.add_argument("--resume", action="store_true", help="continue from out_dir's newest checkpoint"),
     )
+
+    from .train.finetune import FinetuneConfig
+
+    _stage_parser(
+        sub,
+        "finetune",
+        "finetune",
+        FinetuneConfig,
+        "adapt a checkpoint: chat SFT, classification or DPO, full or parameter-efficient",
+        lambda p: p.add_argument("--resume", action="store_true", help="continue from out_dir's newest checkpoint"),
+    )
+    mg = sub.add_parser(
+        "merge",
+        help="fold an adapter into its base -> a plain checkpoint",
+        description="Merge a LoRA / DoRA / AdaLoRA / IA3 adapter (an adapter checkpoint or a PEFT adapter "
+        "directory) into its base model and write an ordinary checkpoint.",
+    )
+    mg.add_argument("adapter", help="adapter checkpoint, run directory, or PEFT adapter directory")
+    mg.add_argument("out", help="checkpoint directory to write")
+    mg.add_argument("--base", help="the base checkpoint (default: the one the adapter names)")
+    mg.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
 
     from .infer.commands import add_engine_args, add_sampling_args
 
@@ -231,6 +255,23 @@ def cmd_pretrain(args) -> None:
     _report_fit(run_pretrain(cfg, resume=args.resume), cfg.out_dir)
 
 
+def cmd_finetune(args) -> None:
+    from .config import load_config
+    from .train.finetune import FinetuneConfig, run_finetune
+
+    cfg = load_config(FinetuneConfig, "finetune", args.recipe, args.overrides)
+    summary = run_finetune(cfg, resume=args.resume)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"  checkpoint: {summary['checkpoint']}\n  summary: {Path(cfg.out_dir) / 'summary.json'}")
+
+
+def cmd_merge(args) -> None:
+    from .model.peft.merge import merge_adapter
+
+    out = merge_adapter(args.adapter, args.out, base=args.base, overwrite=args.overwrite)
+    print(f"merged {args.adapter} -> {out}")
+
+
 def cmd_sample(args) -> None:
     from .infer.commands import run_sample
 
@@ -336,6 +377,8 @@ HANDLERS: dict[tuple[str, str | None], Callable] = {
     ("data", "prepare"): cmd_data_prepare,
     **{("data", a): cmd_data_pipeline for a in ("reddit", "clean", "dedup", "pii", "augment", "synth-reddit")},
     ("pretrain", None): cmd_pretrain,
+    ("finetune", None): cmd_finetune,
+    ("merge", None): cmd_merge,
     ("sample", None): cmd_sample,
     ("generate", None): cmd_generate,
     ("chat", None): cmd_chat,

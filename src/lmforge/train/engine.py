@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..config import to_dict
@@ -219,6 +220,23 @@ class Engine:
         state = load_training_state(ckpt, self.optimizer)
         self.step = int(state["step"])
         return ckpt
+
+    def start(self, resume: bool, overwrite: bool) -> None:
+        """Prepare ``out_dir`` for a run: resume from its newest checkpoint, or (with
+        ``overwrite``) clear the old run's checkpoints and metrics, which would otherwise pass
+        for this run's (and be resumed or sampled from, or mix with its curves); then write
+        the run's config.yaml."""
+        if resume:
+            ckpt = self.resume_from()
+            if self.dist.is_main:
+                print(f"resuming from {ckpt} (step {self.step})")
+        if self.dist.is_main:
+            if not resume and overwrite:
+                shutil.rmtree(self.out_dir / "checkpoints", ignore_errors=True)
+                (self.out_dir / "metrics.jsonl").unlink(missing_ok=True)
+                shutil.rmtree(self.out_dir / "tb", ignore_errors=True)
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.yaml").write_text(yaml.safe_dump(self.run_config, sort_keys=False))
 
     def save(self) -> Path:
         path = self.out_dir / "checkpoints" / f"step_{self.step:07d}"

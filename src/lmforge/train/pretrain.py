@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-import yaml
 
 from ..config import to_dict
 from ..data.shards import load_meta
@@ -60,17 +58,5 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> FitResult:
         tokenizer_file=objective.tokenizer_file,
         run_config=run_config,
     )
-    if resume:
-        ckpt = engine.resume_from()
-        if engine.dist.is_main:
-            print(f"resuming from {ckpt} (step {engine.step})")
-    if engine.dist.is_main:
-        if not resume and cfg.overwrite:
-            # Starting afresh: the old run's checkpoints would pass for this run's newest (and be
-            # resumed or sampled from), and its metrics would mix with this run's.
-            shutil.rmtree(out / "checkpoints", ignore_errors=True)
-            (out / "metrics.jsonl").unlink(missing_ok=True)
-            shutil.rmtree(out / "tb", ignore_errors=True)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
+    engine.start(resume, cfg.overwrite)
     return engine.fit()
