@@ -229,3 +229,32 @@ def test_bad_settings_and_mismatched_adapters(llama_ckpt, tiny_checkpoint, tmp_p
     apply_peft(prefix_model, PeftConfig(method="prefix", num_virtual_tokens=3))
     with pytest.raises(LmforgeError, match="cannot be folded"):
         merge_peft(prefix_model)
+
+
+def test_gpt2_family_adapter_in_peft_format(tiny_checkpoint, tmp_path):
+    """GPT-2 fuses q/k/v in c_attn: q and v slice adapters become one stacked LoRA that peft
+    loads onto the exported GPT2LMHeadModel (logits agree), and that loads back into lmforge."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    from lmforge.io.hf import export_hf
+
+    hf_dir = export_hf(tiny_checkpoint, tmp_path / "hf")
+    for method in ("lora", "dora"):
+        model, _ = load_model(tiny_checkpoint)
+        apply_peft(model, PeftConfig(method=method, r=2, alpha=4, dropout=0.0, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"]))
+        _perturb(model, 0.1)
+        model.eval()
+        out = tmp_path / method
+        out.mkdir()
+        save_adapter(out, model, base_checkpoint=str(tiny_checkpoint))
+        cfg = json.loads((out / "adapter_config.json").read_text())
+        assert cfg["fan_in_fan_out"] and cfg["rank_pattern"] == {"attn.c_attn": 4}
+        hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+        pm = peft.PeftModel.from_pretrained(hf, out).eval()
+        x = _ids(model.config.vocab_size, (2, 12))
+        with torch.no_grad():
+            assert (pm(x).logits - model(x)).abs().max().item() < 1e-4
+        back, _ = load_model(tiny_checkpoint)
+        load_adapter(back, out)
+        back.eval()
+        assert torch.allclose(back(x), model(x), atol=1e-6)

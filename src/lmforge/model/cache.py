@@ -111,6 +111,7 @@ class LayerKV:
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this step's keys/values (B, n_kv_head, T, D); return all keys/values to attend to."""
         vw = self.view
+        k, v = k.to(self.k.dtype), v.to(self.v.dtype)  # e.g. bf16 activations under autocast, fp32 cache
         if vw.uniform_start is not None:
             s = vw.uniform_start
             self.k[:, :, s : s + k.shape[2]] = k

@@ -406,11 +406,17 @@ class GPT(nn.Module):
         last = h[torch.arange(idx.shape[0], device=idx.device), lengths - 1]
         return self.score(last)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, lengths: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Logits (B, T, vocab) without targets; the mean next-token loss with them.
 
         ``targets`` uses -100 for positions that carry no loss (prompt tokens, padding).
+        With ``lengths``, the class logits of :meth:`classify` (through ``forward`` so that
+        DDP's gradient hooks see the call).
         """
+        if lengths is not None:
+            return self.classify(idx, lengths)
         h = self.hidden_states(idx)
         if targets is None:
             return self.logits(h)

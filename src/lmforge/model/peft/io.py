@@ -9,7 +9,8 @@ An adapter directory holds::
 LoRA and DoRA adapters of a Llama-family model (the targets q/k/v/o/gate/up/down_proj) use
 PEFT's tensor names (``base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight``) and
 config, so ``PeftModel.from_pretrained`` loads them onto the exported Hugging Face model and
-``vllm serve --enable-lora`` serves them. Other methods (and classification heads) keep
+``vllm serve --enable-lora`` serves them. Those of a GPT-2-family model become LoRAs on GPT-2's
+fused ``c_attn`` / ``c_proj`` / ``c_fc`` (:func:`to_peft_gpt2`). Other methods (and classification heads) keep
 lmforge's names. :func:`load_adapter` also reads a LoRA adapter written by ``peft`` itself.
 """
 
@@ -45,14 +46,95 @@ def is_adapter_dir(path: Path) -> bool:
     return (path / WEIGHTS_FILE).is_file()
 
 
-def _peft_compatible(model, cfg: PeftConfig) -> bool:
-    """Whether this adapter has a PEFT equivalent on the exported Hugging Face model."""
+def _family(model) -> str | None:
+    """``llama`` or ``gpt2``: the Hugging Face family the model exports to (None: no export)."""
+    from ...io.hf import _hf_architecture
+
+    try:
+        arch = _hf_architecture(model.config)
+    except LmforgeError:
+        return None
+    return "gpt2" if arch == "GPT2LMHeadModel" else "llama"
+
+
+def _peft_naming(model, cfg: PeftConfig) -> str:
+    """``peft`` (Llama-family names), ``peft-gpt2`` (GPT-2 names, fused c_attn) or ``lmforge``."""
     if cfg.method not in ("lora", "dora") or cfg.modules_to_save:
-        return False
-    c = model.config
-    llama = c.pos_embedding == "rope" and c.norm == "rmsnorm" and c.mlp == "swiglu" and not c.qk_norm
+        return "lmforge"
+    family = _family(model)
     targets = cfg.target_modules if cfg.target_modules != ["all-linear"] else list(PROJECTIONS)
-    return llama and all(t in PROJECTIONS for t in targets)
+    if family == "llama" and all(t in PROJECTIONS for t in targets):
+        return "peft"
+    if family == "gpt2":
+        return "peft-gpt2"
+    return "lmforge"
+
+
+# GPT-2: lmforge's module in a layer -> Hugging Face's (Conv1D) module
+_GPT2 = {"attn.qkv_proj": "attn.c_attn", "attn.o_proj": "attn.c_proj", "mlp.up_proj": "mlp.c_fc", "mlp.down_proj": "mlp.c_proj"}
+
+
+def _lora_layers(model):
+    from .lora import LoRALinear
+
+    for name, mod in model.named_modules():
+        if isinstance(mod, LoRALinear):
+            _, i, block, leaf = name.split(".")
+            yield int(i), f"{block}.{leaf}", mod
+
+
+def to_peft_gpt2(model) -> tuple[dict[str, torch.Tensor], dict[str, int], dict[str, float]]:
+    """GPT-2's ``c_attn`` fuses q/k/v as lmforge does, so slice adapters on q, k and v become
+    one LoRA of rank ``slices * r`` on ``c_attn``: the ``A`` matrices stacked, ``B``
+    block-diagonal (exact: each output row still sees only its slice's update). Returns the
+    tensors and PEFT's ``rank_pattern`` / ``alpha_pattern`` (alpha scaled to keep alpha / r)."""
+    from .lora import base_weight
+
+    out: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    alphas: dict[str, float] = {}
+    for i, path, layer in _lora_layers(model):
+        names = sorted(layer.slices, key=lambda n: layer.slices[n][0])
+        R = layer.r * len(names)
+        key = f"base_model.model.transformer.h.{i}.{_GPT2[path]}"
+        A = torch.cat([layer.lora_A[n].detach() for n in names])
+        B = torch.zeros(layer.out_features, R)
+        for j, n in enumerate(names):
+            s, e = layer.slices[n]
+            B[s:e, j * layer.r : (j + 1) * layer.r] = layer.lora_B[n].detach()
+        out[key + ".lora_A.weight"], out[key + ".lora_B.weight"] = A.contiguous(), B
+        if layer.kind == "dora":
+            m = base_weight(layer.base_layer).detach().float().norm(dim=1)
+            for n in names:
+                s, e = layer.slices[n]
+                m[s:e] = layer.lora_magnitude[n].detach()
+            out[key + ".lora_magnitude_vector"] = m
+        if R != layer.r:
+            ranks[_GPT2[path]] = R
+            alphas[_GPT2[path]] = layer.alpha * len(names)
+    return out, ranks, alphas
+
+
+def from_peft_gpt2(weights: dict[str, torch.Tensor], model, cfg: PeftConfig) -> dict[str, torch.Tensor]:
+    """Undo :func:`to_peft_gpt2` for an adapter lmforge wrote (its slices are in ``cfg``)."""
+    from . import resolve_targets
+
+    out = {}
+    for (i, path), slices in resolve_targets(model, cfg.target_modules).items():
+        key = f"base_model.model.transformer.h.{i}.{_GPT2[path]}"
+        try:
+            A, B = weights[key + ".lora_A.weight"], weights[key + ".lora_B.weight"]
+        except KeyError as e:
+            raise LmforgeError(f"the adapter lacks {e.args[0]}") from None
+        names = sorted(slices, key=lambda n: slices[n][0])
+        r = cfg.r
+        for j, n in enumerate(names):
+            s, e = slices[n]
+            out[f"layers.{i}.{path}.lora_A.{n}"] = A[j * r : (j + 1) * r]
+            out[f"layers.{i}.{path}.lora_B.{n}"] = B[s:e, j * r : (j + 1) * r]
+            if key + ".lora_magnitude_vector" in weights:
+                out[f"layers.{i}.{path}.lora_magnitude.{n}"] = weights[key + ".lora_magnitude_vector"][s:e]
+    return out
 
 
 def to_peft_names(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -89,10 +171,16 @@ def save_adapter(out: Path, model, *, base_checkpoint: str | None, extra: dict[s
     handle = model.peft
     cfg: PeftConfig = handle.cfg
     weights = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()}
-    peft_names = _peft_compatible(model, cfg)
-    if peft_names:
-        weights = to_peft_names(weights)
-        targets = cfg.target_modules if cfg.target_modules != ["all-linear"] else list(PROJECTIONS)
+    naming = _peft_naming(model, cfg)
+    if naming != "lmforge":
+        ranks: dict[str, int] = {}
+        alphas: dict[str, float] = {}
+        if naming == "peft":
+            weights = to_peft_names(weights)
+            targets = cfg.target_modules if cfg.target_modules != ["all-linear"] else list(PROJECTIONS)
+        else:
+            weights, ranks, alphas = to_peft_gpt2(model)
+            targets = sorted({_GPT2[path] for _, path, _ in _lora_layers(model)})
         atomic_write_json(
             out / PEFT_CONFIG_FILE,
             {
@@ -102,9 +190,11 @@ def save_adapter(out: Path, model, *, base_checkpoint: str | None, extra: dict[s
                 "lora_alpha": cfg.alpha,
                 "lora_dropout": cfg.dropout,
                 "target_modules": targets,
+                "rank_pattern": ranks,
+                "alpha_pattern": alphas,
                 "use_dora": cfg.method == "dora",
                 "bias": "none",
-                "fan_in_fan_out": False,
+                "fan_in_fan_out": naming == "peft-gpt2",
                 "init_lora_weights": True,
                 "inference_mode": True,
                 "modules_to_save": None,
@@ -115,7 +205,7 @@ def save_adapter(out: Path, model, *, base_checkpoint: str | None, extra: dict[s
     meta = {
         "format": "lmforge-adapter",
         "method": cfg.method,
-        "naming": "peft" if peft_names else "lmforge",
+        "naming": naming,
         "peft": to_dict(cfg),
         "base_model": to_dict(model.config),
         "base_checkpoint": base_checkpoint,
@@ -134,6 +224,11 @@ def read_adapter_meta(adapter_dir: Path) -> dict[str, Any]:
             pc = json.loads(peft_path.read_text(encoding="utf-8"))
             if pc.get("peft_type") != "LORA":
                 raise LmforgeError(f"{adapter_dir}: only PEFT LoRA adapters can be loaded, this is {pc.get('peft_type')}")
+            if pc.get("fan_in_fan_out") or pc.get("rank_pattern") or pc.get("alpha_pattern"):
+                raise LmforgeError(
+                    f"{adapter_dir}: PEFT adapters of GPT-2-style (Conv1D) models or with per-module ranks "
+                    "written by other tools cannot be loaded; Llama-family LoRA/DoRA adapters can"
+                )
             targets = pc.get("target_modules") or []
             if isinstance(targets, str):
                 raise LmforgeError(f"{adapter_dir}: target_modules given as a regex ({targets!r}) is not supported")
@@ -187,6 +282,8 @@ def load_adapter(model, adapter_dir: str | Path, *, quantized_base: bool = True)
         cfg.quantize_base = "none"
     if meta.get("naming") == "peft":
         weights = from_peft_names(weights, model)
+    elif meta.get("naming") == "peft-gpt2":
+        weights = from_peft_gpt2(weights, model, cfg)
     apply_peft(model, cfg)
     slots = dict(model.named_parameters())
     expected = {n for n, p in slots.items() if p.requires_grad}

@@ -84,8 +84,7 @@ class ClassifyObjective(Objective):
         return float(batch["labels"].numel())
 
     def loss(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, Any]]:
-        net = model.module if hasattr(model, "module") else model
-        logits = net.classify(batch["input_ids"], batch["lengths"])
+        logits = model(batch["input_ids"], lengths=batch["lengths"])
         loss = F.cross_entropy(logits.float(), batch["labels"], weight=self.class_weight)
         return loss, {"tokens": int(batch["lengths"].sum())}
 
@@ -93,7 +92,6 @@ class ClassifyObjective(Objective):
     def predict(self, model: torch.nn.Module, items: list[tuple[list[int], int]] | None = None) -> tuple[list[int], list[int]]:
         """(true, predicted) label indices over ``items`` (default: the held-out set)."""
         items = self.val if items is None else items
-        net = model.module if hasattr(model, "module") else model
         true, pred = [], []
         order = sorted(range(len(items)), key=lambda i: len(items[i][0]))
         out = [0] * len(items)
@@ -102,7 +100,7 @@ class ClassifyObjective(Objective):
             chunk = order[i : i + bs]
             batch = self._batch([items[k] for k in chunk])
             with self.ctx.autocast():
-                logits = net.classify(batch["input_ids"], batch["lengths"])
+                logits = model(batch["input_ids"], lengths=batch["lengths"])
             for k, p in zip(chunk, logits.argmax(-1).tolist()):
                 out[k] = p
         true = [label for _, label in items]
