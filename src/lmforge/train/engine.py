@@ -207,7 +207,12 @@ class Engine:
             diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
             raise ConfigError(f"cannot resume {ckpt}: the model settings differ ({', '.join(diff)})")
         if getattr(net, "peft", None) is not None:  # an adapter checkpoint: only the trained tensors
-            from ..model.peft.io import WEIGHTS_FILE, from_peft_gpt2, from_peft_names, read_adapter_meta
+            from ..model.peft.io import (
+                WEIGHTS_FILE,
+                from_peft_gpt2,
+                from_peft_names,
+                read_adapter_meta,
+            )
 
             weights = load_file(str(ckpt / WEIGHTS_FILE), device=str(self.device))
             naming = read_adapter_meta(ckpt).get("naming")
