@@ -159,3 +159,30 @@ def test_bad_input_is_counted_and_reported(base, tmp_path, capsys):
     assert "rank" in capsys.readouterr().err
     assert main(["finetune", f"base={tmp_path / 'nowhere'}", f"data.train=[{bad}]"]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_lora_finetune_resumes_exactly_from_an_adapter_checkpoint(base, tmp_path):
+    """A LoRA SFT run resumed from its step-3 adapter checkpoint retraces steps 4-6."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from lmforge.train.checkpoint import resolve_checkpoint
+
+    data = _write_jsonl(tmp_path / "train.jsonl", _conversations(48, 0))
+    common = [f"data.train=[{data}]", "peft.method=lora", "peft.r=4", "peft.target_modules=[all-linear]",
+              "train.max_steps=6", "train.lr=1e-2", "train.micro_batch_size=4", "train.log_interval=1",
+              "train.deterministic=true", "data.val_fraction=0.1"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    _run(base, straight, *common, "train.ckpt_interval=3", "train.keep_checkpoints=3")
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(straight / "checkpoints/step_0000003", resumed / "checkpoints/step_0000003")
+    cfg = load_config(FinetuneConfig, "finetune", None, [f"base={base}", f"out_dir={resumed}", *QUIET, *common])
+    run_finetune(cfg, resume=True)
+    from conftest import read_metrics
+
+    expected = {r["step"]: r["loss"] for r in read_metrics(straight)}
+    assert {r["step"]: r["loss"] for r in read_metrics(resumed)} == {s: expected[s] for s in (4, 5, 6)}
+    a = load_file(str(resolve_checkpoint(straight) / "adapter_model.safetensors"))
+    b = load_file(str(resolve_checkpoint(resumed) / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
