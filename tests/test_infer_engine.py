@@ -265,7 +265,7 @@ def test_context_policies(tok: Tokenizer) -> None:
         ({"top_k": -1}, "top_k must be a non-negative integer"),
         ({"min_p": 2.0}, r"min_p must be in \[0, 1\]"),
         ({"max_tokens": 0}, "max_tokens must be a positive integer"),
-        ({"repetition_penalty": 0.0}, "repetition_penalty must be positive"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty must be in \\[0.01, 100\\]"),
         ({"presence_penalty": -3.0}, r"presence_penalty must be in \[-2, 2\]"),
         ({"logprobs": 21}, r"logprobs must be an integer in \[0, 20\]"),
         ({"stop_token_ids": [10**6]}, "stop token id 1000000 is not in the vocabulary"),
@@ -401,3 +401,23 @@ def test_smollm2_chat_repl(smol_ckpt: Path, capsys, monkeypatch) -> None:
     history = out.split("(system prompt set)")[1].split("(conversation cleared)")
     assert "[system] Answer in one word." in history[0] and "[user] What is the capital of France?" in history[0]
     assert "[assistant]" in history[0] and "[user]" not in history[1]
+
+
+def test_extreme_but_valid_sampling_settings_do_not_break_a_batch(tiny_checkpoint):
+    """Tiny temperatures are greedy (no inf logits), tiny top_p keeps the top token, and an
+    extreme repetition penalty is refused up front, so no row can poison the shared step."""
+    from lmforge.errors import ConfigError
+    from lmforge.infer import SamplingParams, load_engine
+
+    engine = load_engine(tiny_checkpoint, max_batch_size=4)
+    greedy = engine.generate(["ab"], SamplingParams(max_tokens=5, temperature=0))[0].token_ids
+    odd = [
+        SamplingParams(max_tokens=5, temperature=1e-300, seed=1),
+        SamplingParams(max_tokens=5, temperature=1e-45, top_k=1, seed=2),
+        SamplingParams(max_tokens=5, top_p=1e-300, seed=3),
+    ]
+    outs = engine.generate(["ab"] * 3, odd)
+    assert outs[0].token_ids == greedy and outs[1].token_ids == greedy
+    assert outs[2].token_ids == greedy  # top_p that small keeps only the likeliest token
+    with pytest.raises(ConfigError, match="repetition_penalty"):
+        SamplingParams(repetition_penalty=1e-300).validate()

@@ -33,6 +33,7 @@ STAGES = """stages, in the order of a model's life:
   import            a Hugging Face model (directory or hub id) or a GGUF file -> lmforge checkpoint
   export            an lmforge checkpoint -> Hugging Face directory or GGUF file
   quantize          a checkpoint -> weight-only int8 / int4 / bf16 checkpoint (smaller, faster decode)
+  serve             OpenAI-compatible HTTP server (chat, completions, metrics) with a web chat page
   presets           list the named model shapes
 """
 
@@ -212,6 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("--group-size", type=int, default=32, help="int4 group size: 32, 64 or 128 (default 32)")
     qz.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
 
+    from .serve.commands import add_parser as add_serve_parser
+
+    add_serve_parser(sub)
+
     sub.add_parser("presets", help="list the named model shapes")
     return parser
 
@@ -344,6 +349,18 @@ def cmd_quickstart(args) -> None:
     print_samples(engine, "ROMEO:", 2, SamplingParams(max_tokens=300, temperature=0.8, top_k=200, seed=0))
 
 
+def cmd_serve(args) -> None:
+    try:
+        import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise LmforgeError(f"serving needs the 'serve' extra (pip install 'lmforge[serve]'): {e}") from None
+    from .serve.commands import run_serve
+
+    run_serve(args)
+
+
 def cmd_import(args) -> None:
     if args.source.lower().endswith(".gguf"):
         from .io.gguf import import_gguf
@@ -385,6 +402,7 @@ HANDLERS: dict[tuple[str, str | None], Callable] = {
     ("import", None): cmd_import,
     ("export", None): cmd_export,
     ("quantize", None): cmd_quantize,
+    ("serve", None): cmd_serve,
     ("presets", None): cmd_presets,
 }
 

@@ -39,7 +39,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        # below 1e-5 (vLLM's sampling epsilon) a temperature is greedy: dividing logits by it
+        # would overflow to inf and make the softmax NaN
+        return self.temperature < 1e-5
 
     def validate(self, vocab_size: int | None = None) -> SamplingParams:
         """Raise ConfigError with one clear message for any impossible value."""
@@ -61,8 +63,8 @@ class SamplingParams:
             bad(f"min_p must be in [0, 1], got {self.min_p}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             bad(f"top_k must be a non-negative integer (0 is off), got {self.top_k!r}")
-        if self.repetition_penalty <= 0:
-            bad(f"repetition_penalty must be positive (1 is off), got {self.repetition_penalty}")
+        if not 0.01 <= self.repetition_penalty <= 100:
+            bad(f"repetition_penalty must be in [0.01, 100] (1 is off), got {self.repetition_penalty}")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 bad(f"{name} must be in [-2, 2], got {getattr(self, name)}")
@@ -122,6 +124,7 @@ def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
         probs = sorted_logits.softmax(-1)
         # drop a token when the tokens before it already reach top_p (the first always stays)
         drop = (probs.cumsum(-1) - probs) >= p.top_p
+        drop[0] = False  # explicitly: a top_p below fp32's range compares as 0 >= 0
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
     if p.min_p > 0.0:
         probs = logits.softmax(-1)

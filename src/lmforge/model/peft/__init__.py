@@ -326,7 +326,11 @@ def merge_peft(model):
     return model
 
 
+from .io import load_adapter, save_adapter  # noqa: E402  (io builds on the definitions above)
+
 __all__ = [
+    "load_adapter",
+    "save_adapter",
     "PeftConfig",
     "PeftHandle",
     "apply_peft",

@@ -262,6 +262,10 @@ def load_adapter(model, adapter_dir: str | Path, *, quantized_base: bool = True)
     adapter_dir = Path(adapter_dir)
     if not adapter_dir.is_dir():
         raise LmforgeError(f"adapter not found: {adapter_dir}")
+    if not is_adapter_dir(adapter_dir) and (adapter_dir / "checkpoints").is_dir():  # a fine-tuning run
+        from ...train.checkpoint import resolve_checkpoint
+
+        adapter_dir = resolve_checkpoint(adapter_dir)
     meta = read_adapter_meta(adapter_dir)
     base = meta.get("base_model")
     if base is not None:
