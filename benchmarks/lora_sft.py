@@ -58,11 +58,12 @@ def worker(side: str, base: str, hf_dir: str, steps: int, warmup: int, batch: in
     torch.manual_seed(0)
     data, pad = batches(base, steps + warmup, batch, max_length)
     if side == "lmforge":
-        from lmforge.model.peft import PeftConfig, apply_peft
+        from lmforge.model.peft import PeftConfig, apply_peft, store_frozen_in
         from lmforge.train.checkpoint import load_model
 
         model, _ = load_model(base)
         apply_peft(model, PeftConfig(method="lora", r=r, alpha=2 * r, dropout=0.05, target_modules=TARGETS))
+        store_frozen_in(model, torch.bfloat16)  # as `lmforge finetune` does under bf16 autocast
 
         def step_loss(rows):
             T = max(len(i) for i, _ in rows) - 1

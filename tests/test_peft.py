@@ -258,3 +258,28 @@ def test_gpt2_family_adapter_in_peft_format(tiny_checkpoint, tmp_path):
         load_adapter(back, out)
         back.eval()
         assert torch.allclose(back(x), model(x), atol=1e-6)
+
+
+def test_frozen_base_stored_in_bf16_trains_identically_under_autocast(llama_ckpt):
+    """Autocast rounds fp32 weights to the same bf16 values at every use: storing the frozen
+    base in bf16 once gives the same loss and adapter gradients (and half the base memory)."""
+    from lmforge.model.peft import store_frozen_in
+
+    x = _ids(66, (2, 24))
+    results = []
+    for cast in (False, True):
+        torch.manual_seed(0)
+        model, _ = load_model(llama_ckpt)
+        apply_peft(model, PeftConfig(method="lora", r=4, dropout=0.0, target_modules=["all-linear"]))
+        _perturb(model)
+        if cast:
+            assert store_frozen_in(model, torch.bfloat16) > 0
+            assert model.layers[0].attn.qkv_proj.base_layer.weight.dtype == torch.bfloat16
+            assert model.embed_tokens.weight.dtype == torch.float32 and model.lm_head.weight.dtype == torch.bfloat16
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(x[:, :-1] % model.config.vocab_size, x[:, 1:] % model.config.vocab_size)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((loss.item(), grads))
+    assert results[0][0] == results[1][0]
+    assert all(torch.equal(results[0][1][n], results[1][1][n]) for n in results[0][1])

@@ -20,7 +20,7 @@ import torch
 
 from ..config import to_dict
 from ..errors import ConfigError
-from ..model.peft import PeftConfig, apply_peft, trainable_summary
+from ..model.peft import PeftConfig, apply_peft, store_frozen_in, trainable_summary
 from .checkpoint import list_checkpoints, load_model, read_config, resolve_checkpoint
 from .engine import Engine, TrainConfig
 from .objectives.classify import ClassifyConfig, ClassifyObjective
@@ -151,6 +151,8 @@ def run_finetune(cfg: FinetuneConfig, resume: bool = False) -> dict[str, Any]:
             peft = replace(peft, modules_to_save=[*peft.modules_to_save, "score"])
     apply_peft(model, peft, tokenizer=tokenizer, total_steps=cfg.train.max_steps, seed=cfg.train.seed)
     params = trainable_summary(model)
+    if peft.method != "none" and cfg.train.precision in ("bf16", "fp16"):
+        store_frozen_in(model, torch.bfloat16 if cfg.train.precision == "bf16" else torch.float16)
     context = model.config.context_length - model.virtual_tokens
 
     if cfg.objective == "sft":

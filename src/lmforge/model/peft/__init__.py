@@ -247,6 +247,32 @@ def apply_peft(model, cfg: PeftConfig, *, tokenizer=None, total_steps: int = 100
     return model
 
 
+def store_frozen_in(model, dtype: torch.dtype) -> int:
+    """Keep the frozen matmul weights of ``model`` in ``dtype`` (the autocast compute dtype).
+
+    Autocast casts an fp32 weight to bf16 at every use, and caches the cast only for weights
+    that require grad, so a frozen base paid one cast of every projection per forward, and the
+    (tied, frozen) output projection one per loss chunk and again in the backward. Cast once,
+    the results are identical (autocast rounds to the same bf16 values) and the base takes half
+    the memory. Norm weights and the embedding lookup stay fp32; a frozen tied output
+    projection gets its own ``lm_head`` copy in ``dtype``. Returns the tensors cast."""
+    n = 0
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and not module.weight.requires_grad:
+            module.weight.data = module.weight.data.to(dtype)
+            if module.bias is not None and not module.bias.requires_grad:
+                module.bias.data = module.bias.data.to(dtype)
+            n += 1
+    emb = model.embed_tokens.weight
+    if model.config.tie_embeddings and not emb.requires_grad and "lm_head" not in model._modules:
+        head = nn.Linear(emb.shape[1], emb.shape[0], bias=False, device=emb.device, dtype=dtype)
+        head.weight.data = emb.detach().to(dtype)
+        head.weight.requires_grad_(False)
+        model.lm_head = head
+        n += 1
+    return n
+
+
 def _train_modules_to_save(model, names: list[str]) -> None:
     for name in names:
         params = [p for n, p in model.named_parameters() if n == name or n.startswith(name + ".")]
@@ -338,6 +364,7 @@ __all__ = [
     "adapters_disabled",
     "adapter_state_dict",
     "trainable_summary",
+    "store_frozen_in",
     "projection_slices",
     "resolve_targets",
 ]
