@@ -23,7 +23,7 @@ METHODS = {
     "dora": ["peft.method=dora"],
     "qlora-int8": ["peft.method=lora", "peft.quantize_base=int8"],
     "qlora-int4": ["peft.method=lora", "peft.quantize_base=int4"],
-    "adalora": ["peft.method=adalora", "peft.r=8", "peft.init_r=16"],
+    "adalora": ["peft.method=adalora", "peft.r=8", "peft.init_r=16", "train.lr=1e-2"],
     "ia3": ["peft.method=ia3", "train.lr=5e-3"],
     "adapter": ["peft.method=adapter", "peft.bottleneck=64"],
     "prefix": ["peft.method=prefix", "peft.num_virtual_tokens=16", "train.lr=5e-3"],

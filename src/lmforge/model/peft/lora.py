@@ -98,7 +98,14 @@ class LoRALinear(nn.Module):
         names = list(self.slices)
         h = self.drop(x)
         As = [self.lora_A[n] * self.lora_E[n] if self.kind == "adalora" else self.lora_A[n] for n in names]
-        low = F.linear(h, torch.cat(As) if len(As) > 1 else As[0]).split(self.r, dim=-1)
+        low = F.linear(h, torch.cat(As) if len(As) > 1 else As[0])
+        if self.kind != "dora":
+            # every slice's up-projection as one GEMM: B laid out block-diagonally over the
+            # output rows (zero rows for untargeted slices), added into the base output by addmm
+            B = self._stacked_B(names, low.dtype)
+            out = torch.addmm(y.reshape(-1, self.out_features), low.reshape(-1, low.shape[-1]), B.t(), alpha=self.scaling)
+            return out.view(y.shape)
+        low = low.split(self.r, dim=-1)
         deltas = {}
         for n, part in zip(names, low):
             d = F.linear(part, self.lora_B[n]) * self.scaling
@@ -106,6 +113,24 @@ class LoRALinear(nn.Module):
                 d = self._dora(n, x, h, y, d)
             deltas[n] = d
         return self._add(y, deltas)
+
+    def _stacked_B(self, names: list[str], dtype: torch.dtype) -> torch.Tensor:
+        """(out_features, slices * r): slice ``j``'s B in its output rows and columns j*r..(j+1)*r."""
+        if len(names) == 1 and self.slices[names[0]] == (0, self.out_features):
+            return self.lora_B[names[0]].to(dtype)
+        blocks = []
+        pos = 0
+        for j, n in sorted(enumerate(names), key=lambda jn: self.slices[jn[1]][0]):
+            s, e = self.slices[n]
+            if s > pos:
+                blocks.append(self.lora_B[n].new_zeros(s - pos, self.r * len(names)))
+            b = self.lora_B[n]
+            row = [b.new_zeros(e - s, self.r * j), b, b.new_zeros(e - s, self.r * (len(names) - j - 1))]
+            blocks.append(torch.cat(row, dim=1))
+            pos = e
+        if pos < self.out_features:
+            blocks.append(self.lora_B[names[0]].new_zeros(self.out_features - pos, self.r * len(names)))
+        return torch.cat(blocks).to(dtype)
 
     def _dora(self, name: str, x: torch.Tensor, h: torch.Tensor, y: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         """DoRA's correction for slice ``name``: ``(m/||W'|| - 1) W h + (m/||W'||) delta``."""
