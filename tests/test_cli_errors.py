@@ -212,7 +212,7 @@ def test_bad_sampling_values(tiny_checkpoint: Path, capsys, args: list[str], mes
 
 def test_sample_needs_a_checkpoint(tmp_path: Path, capsys) -> None:
     code, _, err = run_main(capsys, "sample", str(tmp_path))
-    assert_one_error(code, err, "holds no checkpoint (expected model.safetensors or checkpoints/step_*)")
+    assert_one_error(code, err, "holds no checkpoint (expected model.safetensors, adapter_model.safetensors or checkpoints/step_*)")
     (tmp_path / "model.safetensors").write_bytes(b"not safetensors")
     (tmp_path / "config.json").write_text('{"model": {"n_layer": 1, "n_head": 1, "n_embd": 8, "vocab_size": 10}}')
     code, _, err = run_main(capsys, "sample", str(tmp_path))

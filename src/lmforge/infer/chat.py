@@ -94,8 +94,11 @@ HELP = """commands: /reset (forget the conversation)  /system TEXT (set the syst
           /history (show the conversation)  /help  /quit (or Ctrl-D)"""
 
 
-def repl(session: ChatSession, inp: TextIO = sys.stdin, out: TextIO = sys.stdout, show_stats: bool = True) -> None:
-    """Read user lines, stream replies. Works interactively and on piped input."""
+def repl(session: ChatSession, inp: TextIO | None = None, out: TextIO | None = None, show_stats: bool = True) -> None:
+    """Read user lines, stream replies. Works interactively and on piped input. The streams
+    default to sys.stdin / sys.stdout as they are at call time (not at import)."""
+    inp = inp if inp is not None else sys.stdin
+    out = out if out is not None else sys.stdout
     interactive = inp.isatty()
     if interactive:
         out.write(f"chatting with {session.engine.config.n_layer}-layer model; {HELP}\n")
