@@ -36,7 +36,6 @@ header) and Parquet rows. ``hf:NAME[:CONFIG][@SPLIT]`` reads a Hugging Face data
 from __future__ import annotations
 
 import csv
-import glob
 import io
 import json
 import os
@@ -50,9 +49,8 @@ from typing import Any, Literal
 import orjson
 
 from ..errors import ConfigError, DataError
-from ..paths import project_root
 from .records import ROLES
-from .sources import RejectsWriter, Stats, open_compressed, reading_errors
+from .sources import RejectsWriter, Stats, expand_spec, open_compressed, reading_errors
 
 Kind = Literal["chat", "classify", "preference"]
 KINDS: tuple[str, ...] = ("chat", "classify", "preference")
@@ -149,23 +147,8 @@ def _files_in_dir(root: Path) -> list[Path]:
 def _resolve(spec: str) -> list[Path]:
     """Files of one input: a file, a directory (recursively, sorted) or a glob; relative paths
     fall back to the lmforge checkout (so ``data/finetune/...`` works from anywhere)."""
-    if any(c in spec for c in "*?["):
-        pattern = os.path.expanduser(spec)
-        matches = sorted(glob.glob(pattern, recursive=True))
-        if not matches and not os.path.isabs(pattern):
-            matches = sorted(glob.glob(str(project_root() / pattern), recursive=True))
-        if not matches:
-            raise DataError(f"no files match the input pattern '{spec}'")
-        paths = [Path(m) for m in matches]
-    else:
-        p = Path(spec).expanduser()
-        if not p.exists() and not p.is_absolute() and (project_root() / p).exists():
-            p = project_root() / p
-        if not p.exists():
-            raise DataError(f"input not found: {spec}")
-        paths = [p]
     files: list[Path] = []
-    for p in paths:
+    for p in expand_spec(spec):
         if p.is_dir():
             found = _files_in_dir(p)
             if not found:

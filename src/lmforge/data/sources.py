@@ -128,6 +128,23 @@ def _locate(spec: str) -> Path | None:
     return None
 
 
+def expand_spec(spec: str) -> list[Path]:
+    """The paths one input names: an existing file or directory, or a glob's sorted matches;
+    relative paths and patterns fall back to the lmforge checkout. Directories stay unexpanded."""
+    if any(c in spec for c in "*?["):  # a glob pattern
+        pattern = os.path.expanduser(spec)
+        matches = sorted(glob.glob(pattern, recursive=True))
+        if not matches and not os.path.isabs(pattern):
+            matches = sorted(glob.glob(str(project_root() / pattern), recursive=True))
+        if not matches:
+            raise DataError(f"no files match the input pattern '{spec}'")
+        return [Path(m) for m in matches]
+    found = _locate(spec)
+    if found is None:
+        raise DataError(f"input not found: {spec}")
+    return [found]
+
+
 def resolve_inputs(inputs: Sequence[str] | str, fmt: Format = "auto") -> list[Path]:
     """Expand files, directories (recursively, sorted) and globs into a list of files."""
     if isinstance(inputs, (str, os.PathLike)):
@@ -136,21 +153,7 @@ def resolve_inputs(inputs: Sequence[str] | str, fmt: Format = "auto") -> list[Pa
         raise ConfigError("no inputs given: set inputs to data files, directories or globs (inputs=data/my.txt)")
     files: list[Path] = []
     for spec in inputs:
-        spec = os.fspath(spec)
-        if any(c in spec for c in "*?["):  # a glob pattern
-            pattern = os.path.expanduser(spec)
-            matches = sorted(glob.glob(pattern, recursive=True))
-            if not matches and not os.path.isabs(pattern):
-                matches = sorted(glob.glob(str(project_root() / pattern), recursive=True))
-            if not matches:
-                raise DataError(f"no files match the input pattern '{spec}'")
-            paths = [Path(m) for m in matches]
-        else:
-            found = _locate(spec)
-            if found is None:
-                raise DataError(f"input not found: {spec}")
-            paths = [found]
-        for p in paths:
+        for p in expand_spec(os.fspath(spec)):
             if p.is_dir():
                 in_dir = _files_in_dir(p, fmt)
                 if not in_dir:
