@@ -207,19 +207,9 @@ class Engine:
             diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
             raise ConfigError(f"cannot resume {ckpt}: the model settings differ ({', '.join(diff)})")
         if getattr(net, "peft", None) is not None:  # an adapter checkpoint: only the trained tensors
-            from ..model.peft.io import (
-                WEIGHTS_FILE,
-                from_peft_gpt2,
-                from_peft_names,
-                read_adapter_meta,
-            )
+            from ..model.peft.io import read_adapter_weights
 
-            weights = load_file(str(ckpt / WEIGHTS_FILE), device=str(self.device))
-            naming = read_adapter_meta(ckpt).get("naming")
-            if naming == "peft":
-                weights = from_peft_names(weights, net)
-            elif naming == "peft-gpt2":
-                weights = from_peft_gpt2(weights, net, net.peft.cfg)
+            weights = read_adapter_weights(ckpt, net, net.peft.cfg, device=str(self.device))
             missing, unexpected = net.load_state_dict(weights, strict=False)
             if unexpected or any(n in missing for n, p in net.named_parameters() if p.requires_grad):
                 raise ConfigError(f"cannot resume {ckpt}: its adapter does not match this run's peft settings")

@@ -252,6 +252,22 @@ def read_adapter_meta(adapter_dir: Path) -> dict[str, Any]:
     raise LmforgeError(f"{adapter_dir} is not an adapter directory (no {META_FILE} or {PEFT_CONFIG_FILE})")
 
 
+def read_adapter_weights(
+    adapter_dir: Path, model, cfg: PeftConfig, meta: dict[str, Any] | None = None, device: str = "cpu"
+) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under lmforge's names (PEFT-named files are mapped back)."""
+    meta = meta if meta is not None else read_adapter_meta(adapter_dir)
+    try:
+        weights = load_file(str(adapter_dir / WEIGHTS_FILE), device=device)
+    except (SafetensorError, OSError) as e:
+        raise LmforgeError(f"{adapter_dir}/{WEIGHTS_FILE} cannot be read: {e}") from None
+    if meta.get("naming") == "peft":
+        return from_peft_names(weights, model)
+    if meta.get("naming") == "peft-gpt2":
+        return from_peft_gpt2(weights, model, cfg)
+    return weights
+
+
 def load_adapter(model, adapter_dir: str | Path, *, quantized_base: bool = True):
     """Apply the adapter saved in ``adapter_dir`` to a loaded base ``model`` (in place; returned).
 
@@ -277,17 +293,10 @@ def load_adapter(model, adapter_dir: str | Path, *, quantized_base: bool = True)
         if diff:
             shown = ", ".join(f"{k}: adapter {base.get(k)!r} vs model {mine.get(k)!r}" for k in diff[:4])
             raise LmforgeError(f"{adapter_dir} was trained on a different base model ({shown})")
-    try:
-        weights = load_file(str(adapter_dir / WEIGHTS_FILE))
-    except (SafetensorError, OSError) as e:
-        raise LmforgeError(f"{adapter_dir}/{WEIGHTS_FILE} cannot be read: {e}") from None
     cfg = from_dict(PeftConfig, meta["peft"], "peft")
     if not quantized_base and cfg.quantize_base != "none":
         cfg.quantize_base = "none"
-    if meta.get("naming") == "peft":
-        weights = from_peft_names(weights, model)
-    elif meta.get("naming") == "peft-gpt2":
-        weights = from_peft_gpt2(weights, model, cfg)
+    weights = read_adapter_weights(adapter_dir, model, cfg, meta)
     apply_peft(model, cfg)
     slots = dict(model.named_parameters())
     expected = {n for n, p in slots.items() if p.requires_grad}

@@ -36,6 +36,16 @@ def base_weight(base: nn.Module) -> torch.Tensor:
     return base.dequantize(torch.float32)
 
 
+@torch.no_grad()
+def _plain_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """An fp32 ``nn.Linear`` holding a merged ``weight`` (out, in) and the base's ``bias``."""
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device)
+    lin.weight.copy_(weight)
+    if bias is not None:
+        lin.bias.copy_(bias.float())
+    return lin
+
+
 class LoRALinear(nn.Module):
     """A base linear plus low-rank updates on named slices of its output rows.
 
@@ -172,15 +182,8 @@ class LoRALinear(nn.Module):
             w[s:e] = updated
         return w
 
-    @torch.no_grad()
     def merged_linear(self) -> nn.Linear:
-        base = self.base_layer
-        bias = getattr(base, "bias", None)
-        lin = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device=bias.device if bias is not None else None)
-        lin.weight.copy_(self.merged_weight())
-        if bias is not None:
-            lin.bias.copy_(bias.float())
-        return lin
+        return _plain_linear(self.merged_weight(), getattr(self.base_layer, "bias", None))
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, r={self.r}, alpha={self.alpha}, slices={self.slices}"
@@ -235,14 +238,8 @@ class IA3Linear(nn.Module):
             return w * self.ia3_l["input"].float()[None, :]
         return w * self._out_scale(torch.float32)[:, None]
 
-    @torch.no_grad()
     def merged_linear(self) -> nn.Linear:
-        bias = getattr(self.base_layer, "bias", None)
-        lin = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device=bias.device if bias is not None else None)
-        lin.weight.copy_(self.merged_weight())
-        if bias is not None:
-            lin.bias.copy_(bias.float())
-        return lin
+        return _plain_linear(self.merged_weight(), getattr(self.base_layer, "bias", None))
 
 
 class BottleneckAdapter(nn.Module):

@@ -92,7 +92,6 @@ class ClassifyObjective(Objective):
     def predict(self, model: torch.nn.Module, items: list[tuple[list[int], int]] | None = None) -> tuple[list[int], list[int]]:
         """(true, predicted) label indices over ``items`` (default: the held-out set)."""
         items = self.val if items is None else items
-        true, pred = [], []
         order = sorted(range(len(items)), key=lambda i: len(items[i][0]))
         out = [0] * len(items)
         bs = self.cfg.eval_batch_size
@@ -103,9 +102,7 @@ class ClassifyObjective(Objective):
                 logits = model(batch["input_ids"], lengths=batch["lengths"])
             for k, p in zip(chunk, logits.argmax(-1).tolist()):
                 out[k] = p
-        true = [label for _, label in items]
-        pred = out
-        return true, pred
+        return [label for _, label in items], out
 
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:

@@ -80,10 +80,9 @@ def response_logps(model, rows: list[tuple[list[int], list[int]]], pad: int, dev
         return logp.sum(dim=1)
     # only the response positions go through the output projection
     h = model.hidden_states(x)
-    net = model
     keep = y != -100
     rows = torch.arange(y.shape[0], device=y.device)[:, None].expand_as(y)[keep]
-    token_logp = -F.cross_entropy(net.logits(h[keep]).float(), y[keep], reduction="none")
+    token_logp = -F.cross_entropy(model.logits(h[keep]).float(), y[keep], reduction="none")
     return torch.zeros(y.shape[0], device=y.device, dtype=token_logp.dtype).index_add(0, rows, token_logp)
 
 
