@@ -83,6 +83,18 @@ def tiny_checkpoint(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -
     return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "model", model, tiny_data / "tokenizer.json")
 
 
+def save_tiny_llama(tiny_data: Path, out: Path, *, context_length: int, init_std: float) -> Path:
+    """A tiny Llama-family checkpoint (RoPE, RMSNorm, SwiGLU, GQA) over ``tiny_data``'s char vocabulary."""
+    from lmforge.model.gpt import GPT, GPTConfig
+    from lmforge.train.checkpoint import save_checkpoint
+
+    vocab = json.loads((tiny_data / "meta.json").read_text())["vocab_size"]
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=vocab, context_length=context_length, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
+                    pos_embedding="rope", norm="rmsnorm", mlp="swiglu", bias=False, init_std=init_std)
+    return save_checkpoint(out, GPT(cfg), tiny_data / "tokenizer.json")
+
+
 # ---- the real pretrained model of the suite: SmolLM2-135M-Instruct (Q4_1 GGUF) -------------
 def smollm2_gguf() -> Path | None:
     # located, not imported: the package's module needs the `llm` CLI, which is not installed

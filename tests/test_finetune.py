@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import read_metrics, save_tiny_llama
 
 from lmforge.cli import main
 from lmforge.config import load_config
-from lmforge.model.gpt import GPT, GPTConfig
 from lmforge.tokenizer import Tokenizer
 from lmforge.tokenizer.chat import ChatTemplate
-from lmforge.train.checkpoint import load_model, save_checkpoint
+from lmforge.train.checkpoint import load_model
 from lmforge.train.finetune import FinetuneConfig, run_finetune
 from lmforge.train.objectives.sft import tokenize_example
 
@@ -22,11 +22,7 @@ QUIET = ["log.console=false", "log.tensorboard=false", "train.threads=1", "train
 
 @pytest.fixture(scope="module")
 def base(tiny_data: Path, tmp_path_factory) -> Path:
-    vocab = json.loads((tiny_data / "meta.json").read_text())["vocab_size"]
-    torch.manual_seed(0)
-    cfg = GPTConfig(vocab_size=vocab, context_length=128, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
-                    pos_embedding="rope", norm="rmsnorm", mlp="swiglu", bias=False, init_std=0.05)
-    return save_checkpoint(tmp_path_factory.mktemp("ft") / "base", GPT(cfg), tiny_data / "tokenizer.json")
+    return save_tiny_llama(tiny_data, tmp_path_factory.mktemp("ft") / "base", context_length=128, init_std=0.05)
 
 
 def _write_jsonl(path: Path, rows) -> Path:
@@ -179,8 +175,6 @@ def test_lora_finetune_resumes_exactly_from_an_adapter_checkpoint(base, tmp_path
     shutil.copytree(straight / "checkpoints/step_0000003", resumed / "checkpoints/step_0000003")
     cfg = load_config(FinetuneConfig, "finetune", None, [f"base={base}", f"out_dir={resumed}", *QUIET, *common])
     run_finetune(cfg, resume=True)
-    from conftest import read_metrics
-
     expected = {r["step"]: r["loss"] for r in read_metrics(straight)}
     assert {r["step"]: r["loss"] for r in read_metrics(resumed)} == {s: expected[s] for s in (4, 5, 6)}
     a = load_file(str(resolve_checkpoint(straight) / "adapter_model.safetensors"))
