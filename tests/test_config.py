@@ -236,3 +236,16 @@ def test_malformed_overrides_and_recipes(tmp_path: Path) -> None:
         load_config(PretrainConfig, "pretrain", _recipe(tmp_path, "- a\n- b\n"), [])
     assert load_config(PretrainConfig, "pretrain", _recipe(tmp_path, ""), []) == PretrainConfig()
     assert issubclass(ConfigError, LmforgeError)
+
+
+def test_a_partial_section_keeps_the_parents_defaults() -> None:
+    """FinetuneConfig.train starts from fine-tuning defaults: overriding one train setting keeps the rest."""
+    from lmforge.train.engine import TrainConfig
+    from lmforge.train.finetune import FinetuneConfig
+
+    plain = load_config(FinetuneConfig, "finetune", None, ["base=x"])
+    assert plain.train.max_steps != TrainConfig().max_steps  # the fine-tuning defaults differ
+    tuned = load_config(FinetuneConfig, "finetune", None, ["base=x", "train.lr=5e-3"])
+    assert tuned.train.lr == 5e-3
+    assert (tuned.train.max_steps, tuned.train.warmup_steps, tuned.train.min_lr_ratio) == (
+        plain.train.max_steps, plain.train.warmup_steps, plain.train.min_lr_ratio)

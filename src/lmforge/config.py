@@ -117,6 +117,28 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
+def _factory_defaults(f: dataclasses.Field) -> dict[str, Any]:
+    """The settings where a section's ``default_factory`` departs from the section class's own
+    defaults (``FinetuneConfig.train`` starts from fine-tuning defaults, not TrainConfig's)."""
+    if f.default_factory is dataclasses.MISSING:
+        return {}
+    made = f.default_factory()
+    if not dataclasses.is_dataclass(made):
+        return {}
+    try:
+        plain = to_dict(type(made)())
+    except TypeError:  # a section class without defaults for every field
+        return {}
+    return {k: v for k, v in to_dict(made).items() if v != plain.get(k)}
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     """Build dataclass ``cls`` from a (nested) mapping, validating every key."""
     data = dict(data)
@@ -133,6 +155,8 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
         if key not in fields:
             opts = list(fields) + (["preset"] if presets else [])
             raise ConfigError(f"unknown setting '{full}'{_suggest(key, opts)}; valid keys: {', '.join(opts)}")
+        if isinstance(value, dict):  # a section given in part keeps the rest of the parent's defaults
+            value = _deep_merge(_factory_defaults(fields[key]), value)
         kwargs[key] = _coerce(value, hints[key], full)
     try:
         obj = cls(**kwargs)
