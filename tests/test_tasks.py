@@ -98,9 +98,15 @@ def test_unknown_task_and_bad_yaml(tmp_path: Path) -> None:
         load_task(str(tmp_path / "nope.yaml"))
     base = {"kind": "classify", "train": "tr.jsonl", "test": "te.jsonl", "labels": ["a", "b"], "template": "{text}:"}
     cases = [
-        ({**base, "lables": ["a"]}, "unknown task field 'lables' \\(did you mean 'labels'\\?\\)"),
+        ({**base, "lables": ["a"]}, "unknown field 'lables' for a classify task \\(did you mean 'labels'\\?\\)"),
         ({k: v for k, v in base.items() if k != "template"}, "missing task field\\(s\\) template"),
-        ({**base, "kind": "chat"}, "kind must be one of classify"),
+        ({**base, "kind": "chatt"}, "'kind' must be one of classify"),
+        ({**base, "kind": "chat"}, "unknown field '(labels|template|train)' for a chat task"),
+        ({"kind": "perplexity", "test": "x.txt", "span": [0.5, 0.2]}, "'span' must be"),
+        ({"kind": "perplexity", "test": "x.txt", "max_length": 8, "stride": 9}, "must not exceed"),
+        ({"kind": "generate", "test": "x.jsonl", "template": "no prompt"}, "must contain \\{prompt\\}"),
+        ({"kind": "generate", "test": "x.jsonl", "max_tokens": 0}, "'max_tokens' must be an integer >= 1"),
+        ({"kind": "multiple_choice"}, "missing task field\\(s\\) test"),
         ({**base, "labels": "a"}, "'labels' must be a non-empty list"),
         ({**base, "labels": ["a", "a"]}, "empty or repeated"),
         ({**base, "template": "no text"}, "must contain \\{text\\}"),

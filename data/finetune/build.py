@@ -28,6 +28,8 @@ SENTIMENT_TRAIN_PER_LABEL, SENTIMENT_TEST_PER_LABEL = 400, 100
 SENTIMENT_TEST_FRACTION = 0.2  # of the conversations
 MAX_PREF_PROMPT_CHARS = 2000
 GENERIC_TURN_COUNT = 5  # an assistant turn seen this often in SGD dev is generic ("Have a great day.")
+N_NEXT_CHOICES = 4  # next-utterance multiple choice: the true reply and 3 from other domains' dialogues
+N_NEXT_TRAIN = 200  # solved examples for few-shot prompts, from the chat training dialogues
 
 
 def rng(name: str) -> random.Random:
@@ -180,10 +182,52 @@ def build(dev_path: Path, test_path: Path, topical_path: Path, out: Path) -> dic
         prompt = [{"role": m["role"], "content": m["content"]} for m in msgs[: u + 1]]
         prefs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
     write_jsonl(out / "sgd_preferences_train.jsonl", prefs[:N_PREF_TRAIN])
+    # ---- next-utterance multiple choice: held-out conversations (the chat val dialogues) cut
+    # before a specific assistant turn (one that occurs once in SGD dev + test, so no choice is a
+    # generic reply that would fit any context); the choices are that turn and replies from
+    # dialogues of other domains (the train split, from the chat training dialogues, holds
+    # few-shot examples)
+    once = Counter(m["content"].strip() for d in dev + test for m in d["messages"] if m["role"] == "assistant")
+
+    def unique(text: str) -> bool:
+        return bool(text.strip()) and once[text.strip()] == 1
+
+    for split, rows, limit in (("test", chat_val, len(chat_val)), ("train", chat_train, N_NEXT_TRAIN)):
+        items = next_utterance_items(rows, unique, rng(f"next-utterance-{split}"), limit)
+        write_jsonl(out / f"sgd_next_utterance_{split}.jsonl", items)
+        counts[f"sgd_next_utterance_{split}.jsonl"] = len(items)
+        if split == "test":  # the same cuts as a generation task: reply, scored against the human one
+            replies = [{"messages": i["messages"], "references": [i["choices"][i["answer"]]]} for i in items]
+            write_jsonl(out / "sgd_reply_test.jsonl", replies)
+            counts["sgd_reply_test.jsonl"] = len(replies)
     write_jsonl(out / "sgd_preferences_test.jsonl", prefs[N_PREF_TRAIN:])
     counts["sgd_preferences_train.jsonl"] = len(prefs[:N_PREF_TRAIN])
     counts["sgd_preferences_test.jsonl"] = len(prefs[N_PREF_TRAIN:])
     return counts
+
+
+def next_utterance_items(rows: list[dict], specific, r: random.Random, limit: int) -> list[dict]:
+    """``{"messages": context, "choices": [...], "answer": index}`` per dialogue (at most ``limit``)."""
+    replies = [
+        (d["id"], domains(d), m["content"]) for d in rows for m in d["messages"]
+        if m["role"] == "assistant" and specific(m["content"])
+    ]
+    items = []
+    for d in rows:
+        if len(items) == limit:
+            break
+        msgs = d["messages"]
+        cuts = [i for i in range(1, len(msgs)) if msgs[i]["role"] == "assistant" and specific(msgs[i]["content"])]
+        if not cuts:
+            continue
+        i = r.choice(cuts)
+        true = msgs[i]["content"]
+        pool = sorted({text for did, doms, text in replies if did != d["id"] and not (doms & domains(d)) and text != true})
+        choices = [true, *r.sample(pool, N_NEXT_CHOICES - 1)]
+        r.shuffle(choices)
+        context = [{"role": m["role"], "content": m["content"]} for m in msgs[:i]]
+        items.append({"messages": context, "choices": choices, "answer": choices.index(true)})
+    return items
 
 
 def main(argv: list[str]) -> int:

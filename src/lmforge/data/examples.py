@@ -18,6 +18,18 @@ Three kinds, each with one normalized form the fine-tuning objectives read:
   format): the answer is their last turn's content, and without a ``prompt`` the turns before
   it (the same in both) are the prompt.
 
+Two evaluation kinds (``lmforge eval`` tasks):
+
+- ``choice`` (multiple choice): ``{"query": str | messages, "choices": [str, ...], "answer": int}``.
+  Accepted keys: the query from ``query``, ``question``, ``context`` or ``messages`` (a
+  conversation ending with a user turn); the choices from ``choices``, ``options`` or
+  ``endings`` (two or more non-empty texts); the answer from ``answer``, ``label`` or ``gold``
+  (an index into the choices, or the text of one of them).
+- ``generate``: ``{"prompt": str | messages, "references": [str, ...]}``. The prompt from
+  ``prompt``, ``question``, ``input`` or ``messages`` (ending with a user turn); the references
+  from ``references``, ``answers``, ``answer``, ``reference``, ``target`` or ``output`` (a text
+  or a list of texts).
+
 Every record read is kept or rejected with a reason, counted in :class:`~lmforge.data.sources.Stats`
 (``seen == kept + sum(rejected)``); the first problems are kept as ``file:record: reason`` lines.
 Reasons: ``bad_json`` (a line that does not parse), ``invalid_utf8``, ``not_an_object``,
@@ -25,7 +37,8 @@ Reasons: ``bad_json`` (a line that does not parse), ``invalid_utf8``, ``not_an_o
 list of ``{role, content}`` text objects), ``bad_roles`` (unknown role, wrong order, not ending
 with the assistant), ``empty_turn`` (an empty turn, completion, text or answer), ``unknown_label``,
 ``identical_pair`` (chosen == rejected), ``prompt_mismatch`` (chosen and rejected conversations
-whose turns before the answer differ).
+whose turns before the answer differ), ``bad_choices`` (fewer than two choices, or an answer that
+names none of them).
 
 Records are numbered from 1 per file: JSONL lines (blank lines are skipped, not counted, but keep
 their numbers), elements of a ``.json`` file holding one JSON array, CSV data rows (after the
@@ -52,8 +65,8 @@ from ..errors import ConfigError, DataError
 from .records import ROLES
 from .sources import RejectsWriter, Stats, expand_spec, open_compressed, reading_errors
 
-Kind = Literal["chat", "classify", "preference"]
-KINDS: tuple[str, ...] = ("chat", "classify", "preference")
+Kind = Literal["chat", "classify", "preference", "choice", "generate"]
+KINDS: tuple[str, ...] = ("chat", "classify", "preference", "choice", "generate")
 ExampleFormat = Literal["auto", "jsonl", "json", "csv", "parquet"]
 FORMATS: tuple[str, ...] = ("auto", "jsonl", "json", "csv", "parquet")
 MAX_PROBLEMS = 20
@@ -412,6 +425,62 @@ def _preference(record: Any) -> dict[str, Any]:
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 
+def _first_key(record: dict[str, Any], keys: Sequence[str], what: str) -> tuple[str, Any]:
+    for key in keys:
+        if key in record:
+            return key, record[key]
+    raise _Reject("missing_field", f"no {what} field ({', '.join(map(repr, keys))})")
+
+
+def _query(record: dict[str, Any], keys: Sequence[str], what: str) -> str | list[dict[str, str]]:
+    """A prompt: a non-empty text, or a conversation ending with a user turn."""
+    key, value = _first_key(record, keys, what)
+    if isinstance(value, str):
+        if not value.strip():
+            raise _Reject("empty_turn", f"{key!r} is empty")
+        return value
+    messages = _messages(value, key)
+    _check_conversation(messages, ends_with="user")
+    return messages
+
+
+def _choice(record: Any) -> dict[str, Any]:
+    record = _require_dict(record)
+    query = _query(record, ("query", "question", "context", "messages"), "query")
+    key, choices = _first_key(record, ("choices", "options", "endings"), "choices")
+    if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
+        raise _Reject("bad_choices", f"{key!r} is not a list of two or more texts")
+    if any(not c.strip() for c in choices):
+        raise _Reject("empty_turn", f"a choice in {key!r} is empty")
+    key, answer = _first_key(record, ("answer", "label", "gold"), "answer")
+    if isinstance(answer, str) and not answer.strip().lstrip("-").isdigit():
+        if answer not in choices:
+            raise _Reject("bad_choices", f"the answer {answer!r} is not one of the choices")
+        answer = choices.index(answer)
+    elif isinstance(answer, (str, int)) and not isinstance(answer, bool):
+        answer = int(answer)
+        if not 0 <= answer < len(choices):
+            raise _Reject("bad_choices", f"answer index {answer} is outside the {len(choices)} choices")
+    else:
+        raise _Reject("missing_field", f"{key!r} is a {type(answer).__name__}, not a choice index or text")
+    return {"query": query, "choices": choices, "answer": answer}
+
+
+def _generate(record: Any) -> dict[str, Any]:
+    record = _require_dict(record)
+    prompt = _query(record, ("prompt", "question", "input", "messages"), "prompt")
+    key, refs = _first_key(record, ("references", "answers", "answer", "reference", "target", "output"), "reference")
+    refs = [refs] if isinstance(refs, str) else refs
+    if not isinstance(refs, list) or not refs or not all(isinstance(r, str) for r in refs):
+        raise _Reject("missing_field", f"{key!r} is not a text or a non-empty list of texts")
+    if any(not r.strip() for r in refs):
+        raise _Reject("empty_turn", f"a reference in {key!r} is empty")
+    return {"prompt": prompt, "references": refs}
+
+
+_PARSERS = {"chat": _chat, "preference": _preference, "choice": _choice, "generate": _generate}
+
+
 # ------------------------------------------------------------------------------ loading
 def _check_labels(labels: Sequence[Any] | None) -> list[str] | None:
     if labels is None:
@@ -487,12 +556,10 @@ def load_examples(
                 try:
                     if isinstance(record, _Reject):
                         raise record
-                    if kind == "chat":
-                        example = _chat(record)
-                    elif kind == "classify":
+                    if kind == "classify":
                         example = _classify(record, text_field, label_field, label_set)
                     else:
-                        example = _preference(record)
+                        example = _PARSERS[kind](record)
                 except _Reject as r:
                     stats.rejected[r.reason] = stats.rejected.get(r.reason, 0) + 1
                     if len(problems) < MAX_PROBLEMS:
