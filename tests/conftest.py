@@ -146,3 +146,25 @@ def hf_smol():
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate", reason="transformers loads GGUF files only with accelerate installed")
     return transformers.AutoModelForCausalLM.from_pretrained(SMOL.parent, gguf_file=SMOL.name, dtype=torch.float32).eval()
+
+
+# ---- multi-process tests (torchrun on gloo) -------------------------------------------------
+def launcher_env() -> dict[str, str]:
+    """The environment of a torchrun child: no inherited launcher variables, lmforge importable
+    (installed editable or not), one OpenMP thread per process."""
+    import lmforge
+
+    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in launcher}
+    src = str(Path(lmforge.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+@pytest.fixture
+def restore_torch_globals():
+    """Deterministic-algorithms mode as it was before the test (runs set it)."""
+    before = torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.use_deterministic_algorithms(before)

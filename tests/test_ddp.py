@@ -15,39 +15,23 @@ gradient scale, a missed all-reduce or ranks reading the same windows move the l
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_PRETRAIN, read_metrics
+from conftest import TINY_PRETRAIN, launcher_env, read_metrics
 from safetensors.torch import load_file
 
-import lmforge
 from lmforge.cli import main
+
+pytestmark = pytest.mark.usefixtures("restore_torch_globals")
 from lmforge.train.checkpoint import list_checkpoints
 
 ABS_TOL = 2e-5
 GRAD_NORM_RTOL = 1e-4
 STEPS = 15
-
-
-@pytest.fixture(autouse=True)
-def _restore_torch_globals():
-    before = torch.are_deterministic_algorithms_enabled()
-    yield
-    torch.use_deterministic_algorithms(before)
-
-
-def _env() -> dict[str, str]:
-    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    env = {k: v for k, v in os.environ.items() if k not in launcher}
-    src = str(Path(lmforge.__file__).resolve().parents[1])  # works installed (editable) or not
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
-    env["OMP_NUM_THREADS"] = "1"
-    return env
 
 
 def _max_dev(a: list[dict], b: list[dict], key: str) -> float:
@@ -64,7 +48,7 @@ def test_two_processes_match_one_and_resume_in_one(tiny_data: Path, tmp_path: Pa
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     cmd += ["-m", "lmforge.cli", "pretrain", *common, f"out_dir={ddp}", "train.micro_batch_size=4"]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    proc = subprocess.run(cmd, env=launcher_env(), capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("done: ") == 1  # only rank 0 reports
 

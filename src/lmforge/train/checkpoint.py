@@ -8,6 +8,13 @@ A checkpoint is a directory::
     optimizer.safetensors  optimizer tensors and RNG states         (training checkpoints only)
     trainer_state.json     step, data position, optimizer scalars    (training checkpoints only)
 
+A run sharded with FSDP writes its optimizer tensors as ``optimizer/`` instead: one
+safetensors file per rank holding that rank's shards, with their offsets in the file
+headers (``torch.distributed.checkpoint``'s Hugging Face storage; no pickle either). The
+weights are gathered into the one ``model.safetensors`` as for any run. Either form resumes
+at any world size, sharded or not: the sharded form is read back resliced to the shards of
+the resuming run, the whole form is sliced to them.
+
 It is written to a temporary sibling directory and renamed into place, so a crash
 mid-write never leaves a half checkpoint under the final name. A run directory keeps
 them as ``checkpoints/step_NNNNNNN``; anything that takes a checkpoint also accepts
@@ -19,6 +26,8 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +56,9 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
             return model
 
 
-def _flatten_optimizer(states: list[dict]) -> tuple[dict[str, torch.Tensor], list[dict]]:
+def _flatten_optimizer(states: list[dict], sharded: bool = False) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """Optimizer tensors by name (``optim.{optimizer}.{param index}.{key}``) and the rest as
+    JSON-able metadata. ``sharded``: keep the tensors as they are (FSDP's DTensor shards)."""
     tensors: dict[str, torch.Tensor] = {}
     meta: list[dict] = []
     for i, sd in enumerate(states):
@@ -57,7 +68,7 @@ def _flatten_optimizer(states: list[dict]) -> tuple[dict[str, torch.Tensor], lis
             keys[str(pid)] = list(st)
             for k, v in st.items():
                 if torch.is_tensor(v):
-                    tensors[f"optim.{i}.{pid}.{k}"] = v.detach().contiguous().cpu()
+                    tensors[f"optim.{i}.{pid}.{k}"] = v.detach() if sharded else v.detach().contiguous().cpu()
                 else:
                     scalars.setdefault(str(pid), {})[k] = v
         meta.append({"param_groups": sd["param_groups"], "keys": keys, "scalars": scalars})
@@ -89,8 +100,15 @@ def save_checkpoint(
     extra: dict[str, Any] | None = None,
     sidecars_from: str | Path | None = None,
     base_checkpoint: str | Path | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
+    sharded_optimizer: Path | None = None,
 ) -> Path:
     """Write a checkpoint atomically to ``path`` (replacing one already there).
+
+    ``weights``: the model's whole state dict when ``model`` itself holds shards (FSDP,
+    gathered by the caller). ``sharded_optimizer``: a directory of optimizer shards written by
+    :func:`save_sharded_optimizer`, moved into the checkpoint as ``optimizer/`` (the optimizer's
+    scalars still go to trainer_state.json).
 
     A model carrying a parameter-efficient adapter (``model.peft``) is saved as an *adapter
     checkpoint*: only the adapter's tensors (see :mod:`lmforge.model.peft.io`) and the path of
@@ -106,11 +124,13 @@ def save_checkpoint(
             if base_checkpoint is None:
                 raise LmforgeError("an adapter checkpoint needs the path of its base checkpoint")
             base = str(Path(base_checkpoint).resolve())
-            save_adapter(tmp, net, base_checkpoint=base)
+            with _whole_parameters(net, weights):
+                save_adapter(tmp, net, base_checkpoint=base)
             config["adapter"] = {"method": net.peft.cfg.method, "base_checkpoint": base}
         else:
-            weights = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
-            save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            sd = net.state_dict() if weights is None else weights
+            save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, str(tmp / "model.safetensors"),
+                      metadata={"format": "pt"})
             if getattr(net, "quantization", None):  # set by model.quant.quantize_model
                 config["quantization"] = net.quantization
         atomic_write_json(tmp / "config.json", config)
@@ -121,14 +141,94 @@ def save_checkpoint(
         if tokenizer_file is not None:
             shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
         if optimizer is not None:
-            tensors, meta = _flatten_optimizer(optimizer.state_dicts())
-            tensors["rng.cpu"] = torch.get_rng_state()
-            if torch.cuda.is_available():
-                for i, s in enumerate(torch.cuda.get_rng_state_all()):
-                    tensors[f"rng.cuda.{i}"] = s
-            save_file(tensors, str(tmp / "optimizer.safetensors"))
+            tensors, meta = _flatten_optimizer(optimizer.state_dicts(), sharded=sharded_optimizer is not None)
+            if sharded_optimizer is not None:
+                shutil.move(str(sharded_optimizer), str(tmp / "optimizer"))
+            else:
+                save_file({**tensors, **_rng_tensors()}, str(tmp / "optimizer.safetensors"))
             atomic_write_json(tmp / "trainer_state.json", {**(trainer_state or {}), "optimizer": meta})
     return path
+
+
+def _rng_tensors() -> dict[str, torch.Tensor]:
+    tensors = {"rng.cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    return tensors
+
+
+@contextmanager
+def _whole_parameters(net: torch.nn.Module, weights: dict[str, torch.Tensor] | None) -> Iterator[None]:
+    """Within the block, ``net``'s parameters named in ``weights`` are those whole tensors
+    (FSDP shards swapped out on the saving rank, so code that reads parameters sees them whole)."""
+    swapped = []
+    try:
+        for name, t in (weights or {}).items():
+            owner, _, leaf = name.rpartition(".")
+            module = net.get_submodule(owner)
+            old = module._parameters.get(leaf)
+            if old is not None:
+                swapped.append((module, leaf, old))
+                module._parameters[leaf] = torch.nn.Parameter(t, requires_grad=old.requires_grad)
+        yield
+    finally:
+        for module, leaf, old in swapped:
+            module._parameters[leaf] = old
+
+
+def save_sharded_optimizer(out: Path, optimizer) -> None:
+    """Every rank writes its shards of the optimizer tensors (FSDP's DTensors) and the RNG
+    state into directory ``out`` (a collective): one safetensors file per rank, offsets in
+    the headers. The directory must be on storage all ranks share."""
+    import torch.distributed.checkpoint as dcp
+
+    tensors, _ = _flatten_optimizer(optimizer.state_dicts(), sharded=True)
+    dcp.save({**tensors, **_rng_tensors()}, storage_writer=dcp.HuggingFaceStorageWriter(str(out), save_distributed=True))
+
+
+def _read_sharded_optimizer(folder: Path, optimizer) -> dict[str, torch.Tensor]:
+    """The tensors of an ``optimizer/`` directory, each read as the resuming run holds it: a
+    state tensor shaped like its (sharded) parameter comes back as that parameter's shard,
+    anything else whole. Saved and resuming world sizes may differ."""
+    import torch.distributed.checkpoint as dcp
+
+    saved = dcp.HuggingFaceStorageReader(str(folder)).read_metadata().state_dict_metadata
+    params = _params_by_index(optimizer)
+    target: dict[str, torch.Tensor] = {}
+    for name, md in saved.items():
+        dtype = md.properties.dtype
+        p = None
+        if name.startswith("optim."):
+            _, i, pid, _key = name.split(".", 3)
+            p = params[int(i)][int(pid)] if int(i) < len(params) and int(pid) < len(params[int(i)]) else None
+        if p is not None and tuple(md.size) == tuple(p.shape):
+            target[name] = torch.zeros_like(p, dtype=dtype)
+        else:
+            target[name] = torch.zeros(tuple(md.size), dtype=dtype)
+    dcp.load(target, storage_reader=dcp.HuggingFaceStorageReader(str(folder)))
+    return target
+
+
+def _params_by_index(optimizer) -> list[list[torch.Tensor]]:
+    """Each optimizer's parameters in state-dict index order."""
+    return [[p for g in opt.param_groups for p in g["params"]] for opt in optimizer.optimizers]
+
+
+def _shard_like_parameters(tensors: dict[str, torch.Tensor], optimizer) -> dict[str, torch.Tensor]:
+    """Whole optimizer tensors (optimizer.safetensors) cut to the shards of a sharded run's parameters."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    params = _params_by_index(optimizer)
+    out = dict(tensors)
+    for name, t in tensors.items():
+        if not name.startswith("optim."):
+            continue
+        _, i, pid, _key = name.split(".", 3)
+        p = params[int(i)][int(pid)]
+        if isinstance(p, DTensor) and tuple(t.shape) == tuple(p.shape):
+            out[name] = distribute_tensor(t.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+    return out
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -233,7 +333,10 @@ def load_training_state(ckpt: Path, optimizer) -> dict[str, Any]:
     """Restore optimizer and RNG state in place; return the trainer state (step, data position)."""
     try:
         state = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
-        tensors = load_file(str(ckpt / "optimizer.safetensors"))
+        if (ckpt / "optimizer").is_dir():  # shards of an FSDP run
+            tensors = _read_sharded_optimizer(ckpt / "optimizer", optimizer)
+        else:
+            tensors = _shard_like_parameters(load_file(str(ckpt / "optimizer.safetensors")), optimizer)
     except FileNotFoundError:
         raise LmforgeError(f"{ckpt} is a weights-only checkpoint; it cannot resume training") from None
     except (json.JSONDecodeError, SafetensorError, OSError) as e:

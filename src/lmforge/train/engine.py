@@ -2,7 +2,7 @@
 
 The engine owns everything that is not the objective: device and precision, the
 optimizer and learning-rate schedule, gradient accumulation and clipping, periodic
-evaluation, checkpoints and exact resume, logging, and DDP. An objective
+evaluation, checkpoints and exact resume, logging, and DDP or FSDP. An objective
 (:mod:`lmforge.train.objectives`) only supplies batches and a loss.
 """
 
@@ -14,6 +14,8 @@ import os
 import resource
 import shutil
 import time
+import warnings
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,8 +27,20 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..config import to_dict
 from ..errors import ConfigError, LmforgeError
-from .checkpoint import list_checkpoints, load_training_state, save_checkpoint, unwrap
-from .distributed import DistInfo, all_reduce_sum, init_distributed
+from .checkpoint import (
+    list_checkpoints,
+    load_training_state,
+    save_checkpoint,
+    save_sharded_optimizer,
+    unwrap,
+)
+from .distributed import (
+    DistInfo,
+    all_reduce_sum,
+    gathered,
+    init_distributed,
+    shard_model,
+)
 from .objectives.base import Objective, RunContext
 from .optim import build_optimizer
 from .schedule import lr_multiplier
@@ -53,6 +67,9 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 disables
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16/fp16 autocast with fp32 master weights
     compile: bool = False
+    # With several processes (torchrun): ddp replicates the model on every process; fsdp
+    # shards parameters, gradients and optimizer state over them (FSDP2, one unit per block).
+    parallel: Literal["ddp", "fsdp"] = "ddp"
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     seed: int = 1337
     threads: int = 0  # CPU threads per process; 0 = cores / processes on this node
@@ -132,7 +149,9 @@ class Engine:
         """``hooks``: objects with optional ``extra_loss()`` (a term added to every micro-batch's
         loss, e.g. AdaLoRA's orthogonality penalty), ``after_step(step)`` (called after the
         optimizer step with the gradients still present, e.g. AdaLoRA's rank allocation) and
-        ``metrics()`` (logged with the train metrics). ``checkpoint_extra`` goes into every
+        ``metrics()`` (logged with the train metrics), ``on_save(path)`` / ``on_resume(path)``
+        (a checkpoint was written / is being resumed: state the hook owns, e.g. the adversarial
+        discriminator, goes in or comes from that directory). ``checkpoint_extra`` goes into every
         checkpoint's config.json; ``sidecars_from`` and ``base_checkpoint`` as in
         :func:`~lmforge.train.checkpoint.save_checkpoint`."""
         self.cfg = cfg
@@ -160,13 +179,21 @@ class Engine:
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
 
         self.model = model.to(self.device)
+        self.sharded = self.dist.enabled and cfg.parallel == "fsdp"
+        if self.sharded:
+            if cfg.precision == "fp16":
+                raise ConfigError("train.parallel=fsdp does not support train.precision=fp16 (the loss scaler's "
+                                  "overflow check would see one shard per process); use bf16")
+            if cfg.compile:
+                raise ConfigError("train.compile=true is not supported with train.parallel=fsdp; use ddp to compile")
+            shard_model(self.model, self.amp_dtype)  # in place; the optimizer then holds the shards
         self.optimizer = build_optimizer(self.model, cfg, self.device)
         self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
         # Evaluation runs the (compiled) module without the DDP wrapper: ranks may get uneven
         # numbers of eval batches, and DDP's forward may issue collectives (buffer broadcasts).
         self.eval_model: torch.nn.Module = torch.compile(self.model) if cfg.compile else self.model
         self.forward_model = self.eval_model
-        if self.dist.enabled:
+        if self.dist.enabled and not self.sharded:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.forward_model = DDP(self.eval_model, device_ids=ids)
         self.ctx = RunContext(
@@ -210,19 +237,55 @@ class Engine:
             from ..model.peft.io import read_adapter_weights
 
             weights = read_adapter_weights(ckpt, net, net.peft.cfg, device=str(self.device))
-            missing, unexpected = net.load_state_dict(weights, strict=False)
+            missing, unexpected = self._load_weights(weights, strict=False)
             if unexpected or any(n in missing for n, p in net.named_parameters() if p.requires_grad):
                 raise ConfigError(f"cannot resume {ckpt}: its adapter does not match this run's peft settings")
         else:
-            net.load_state_dict(load_file(str(ckpt / "model.safetensors"), device=str(self.device)))
+            self._load_weights(load_file(str(ckpt / "model.safetensors"), device=str(self.device)), strict=True)
+        state = json.loads((ckpt / "trainer_state.json").read_text()) if (ckpt / "trainer_state.json").is_file() else {}
+        self._check_batch(state, ckpt)
         state = load_training_state(ckpt, self.optimizer)
         self.step = int(state["step"])
+        for hook in self.hooks:
+            if hasattr(hook, "on_resume"):
+                hook.on_resume(ckpt)
         return ckpt
+
+    def _load_weights(self, weights: dict[str, torch.Tensor], strict: bool):
+        """Load whole tensors into the model (cut to this process's shards under FSDP)."""
+        if not self.sharded:
+            return unwrap(self.model).load_state_dict(weights, strict=strict)
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+        )
+
+        return set_model_state_dict(self.model, weights, options=StateDictOptions(full_state_dict=True, strict=strict))
+
+    def _check_batch(self, state: dict[str, Any], ckpt: Path) -> None:
+        """Refuse a resume whose global batch differs from the checkpoint's: batches are a function
+        of the step and the global batch, so another global batch would silently continue on
+        other data than the interrupted run. The process count may change; the global batch may not."""
+        saved_world = int(state.get("world_size", 1))
+        saved = state.get("global_batch_size")
+        mine = self.ctx.global_batch_size
+        if saved is None or int(saved) == mine:
+            return
+        what = (f"world size changed from {saved_world} to {self.dist.world_size}" if saved_world != self.dist.world_size
+                else f"the global batch changed from {saved} to {mine}")
+        per = int(saved) / self.dist.world_size
+        hint = (f"set train.micro_batch_size x train.grad_accum = {int(per)} per process" if per.is_integer()
+                else f"{saved} examples do not divide over {self.dist.world_size} processes; use a world size that divides them")
+        raise ConfigError(
+            f"cannot resume {ckpt}: {what}: it was saved with a global batch of {saved} examples "
+            f"({saved_world} process(es) x micro batch x grad_accum), this run has {mine} "
+            f"({self.dist.world_size} x {self.cfg.micro_batch_size} x {self.cfg.grad_accum}); {hint}"
+        )
 
     def start(self, resume: bool, overwrite: bool) -> None:
         """Prepare ``out_dir`` for a run: resume from its newest checkpoint, or (with
         ``overwrite``) clear the old run's checkpoints and metrics, which would otherwise pass
-        for this run's (and be resumed or sampled from, or mix with its curves); then write
+        for this run's (and be resumed or sampled from, or mix with its curves and report); then write
         the run's config.yaml."""
         if resume:
             ckpt = self.resume_from()
@@ -233,13 +296,31 @@ class Engine:
                 shutil.rmtree(self.out_dir / "checkpoints", ignore_errors=True)
                 (self.out_dir / "metrics.jsonl").unlink(missing_ok=True)
                 shutil.rmtree(self.out_dir / "tb", ignore_errors=True)
+                (self.out_dir / "report.md").unlink(missing_ok=True)
+                shutil.rmtree(self.out_dir / "plots", ignore_errors=True)
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "config.yaml").write_text(yaml.safe_dump(self.run_config, sort_keys=False))
 
     def save(self) -> Path:
         path = self.out_dir / "checkpoints" / f"step_{self.step:07d}"
+        weights = shards = None
+        if self.sharded:  # collectives: whole weights to rank 0, each rank's optimizer shards to shared storage
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_model_state_dict,
+            )
+
+            weights = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            shards = path.with_name(f".{path.name}.optimizer-shards")
+            if self.dist.is_main:
+                shutil.rmtree(shards, ignore_errors=True)
+                shards.mkdir(parents=True)
+            torch.distributed.barrier()
+            save_sharded_optimizer(shards, self.optimizer)
+            torch.distributed.barrier()
         if self.dist.is_main:
-            state = {"step": self.step, "data": self.objective.state_dict(), "world_size": self.dist.world_size}
+            state = {"step": self.step, "data": self.objective.state_dict(), "world_size": self.dist.world_size,
+                     "global_batch_size": self.ctx.global_batch_size, "parallel": "fsdp" if self.sharded else "ddp"}
             save_checkpoint(
                 path,
                 self.model,
@@ -249,7 +330,12 @@ class Engine:
                 extra={**self.checkpoint_extra, "step": self.step, "run": self.run_config},
                 sidecars_from=self.sidecars_from,
                 base_checkpoint=self.base_checkpoint,
+                weights=weights,
+                sharded_optimizer=shards,
             )
+            for hook in self.hooks:
+                if hasattr(hook, "on_save"):
+                    hook.on_save(path)
             for old in list_checkpoints(self.out_dir)[: -self.cfg.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
         if self.dist.enabled:
@@ -259,12 +345,52 @@ class Engine:
     def evaluate(self) -> dict[str, float]:
         self.model.eval()
         try:
-            return self.objective.evaluate(self.eval_model)
+            with self.gathered():
+                return self.objective.evaluate(self.eval_model)
         finally:
             self.model.train()
 
+    def gathered(self):
+        """A context (entered by every rank) in which each rank may run the model on its own
+        inputs: under FSDP each holds the whole model meanwhile; otherwise a no-op."""
+        return gathered(self.model)
+
+    def write_report(
+        self,
+        *,
+        title: str | None = None,
+        summary: dict[str, Any] | None = None,
+        figures: Sequence[tuple[str, str | Path]] = (),
+        tables: Sequence[tuple[str, str]] = (),
+        notes: str = "",
+    ) -> Path | None:
+        """The run's report card, ``out_dir/report.md`` (:func:`lmforge.eval.report.write_report`:
+        summary, curves from metrics.jsonl, the given figures and tables, the config), on the
+        main rank when ``log.report`` is set. A failure is a warning: it never fails the run."""
+        if not (self.dist.is_main and self.log_cfg.report):
+            return None
+        from ..eval.report import write_report
+
+        try:
+            return write_report(
+                self.out_dir,
+                title=title or f"Training run {self.out_dir.name} ({self.objective.name} objective)",
+                config=self.run_config,
+                summary=summary,
+                metrics_file=self.out_dir / "metrics.jsonl" if self.log_cfg.jsonl else None,
+                figures=figures,
+                tables=tables,
+                notes=notes,
+            )
+        except Exception as e:  # noqa: BLE001 - the report is a by-product; the run succeeded
+            warnings.warn(f"the report card of {self.out_dir} was not written: {type(e).__name__}: {e}", RuntimeWarning, stacklevel=2)
+            return None
+
     # ---- the loop -------------------------------------------------------------------------
-    def fit(self) -> FitResult:
+    def fit(self, report: bool = True, report_title: str | None = None) -> FitResult:
+        """Train to ``max_steps``; then write summary.json and (``report``) the report card
+        with the FitResult as its summary. A caller with more to report (fine-tuning) passes
+        ``report=False`` and calls :meth:`write_report` itself."""
         cfg, dist = self.cfg, self.dist
         net = unwrap(self.model)
         logger = RunLogger(self.out_dir, self.log_cfg, dist.is_main, cfg.max_steps, self.step, self.run_config)
@@ -296,7 +422,7 @@ class Engine:
             step_tokens = 0
             for m, batch in enumerate(batches):
                 sync = m == cfg.grad_accum - 1 or not dist.enabled
-                with nullcontext() if sync else self.forward_model.no_sync():
+                with nullcontext() if sync or self.sharded else self.forward_model.no_sync():
                     with self.autocast():
                         loss, metrics = self.objective.loss(self.forward_model, batch)
                         extra = [t for h in self.hooks if (t := getattr(h, "extra_loss", lambda: None)()) is not None]
@@ -339,8 +465,8 @@ class Engine:
                 elapsed = time.perf_counter() - window_t0
                 tps = window_tokens / max(elapsed, 1e-9)
                 row = {"loss": train_loss, "lr": cfg.lr * lr_mult, "tokens_per_s": tps}
-                if grad_norm is not None:
-                    row["grad_norm"] = float(grad_norm)
+                if grad_norm is not None:  # under FSDP a replicated DTensor
+                    row["grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
                 for hook in self.hooks:
                     row.update(getattr(hook, "metrics", dict)())
                 if hasattr(net, "flops_per_token"):
@@ -372,4 +498,6 @@ class Engine:
         result.checkpoint = str(saved[-1]) if saved else None
         if dist.is_main:
             (self.out_dir / "summary.json").write_text(json.dumps(to_dict(result), indent=2) + "\n")
+        if report:
+            self.write_report(title=report_title, summary=to_dict(result))
         return result

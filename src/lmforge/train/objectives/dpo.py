@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ...errors import DataError
+from ..distributed import DistInfo, any_rank, is_sharded
 from .base import Batch, Objective
 from .batching import BatchPlan
 
@@ -74,7 +75,7 @@ def response_logps(model, rows: list[tuple[list[int], list[int]]], pad: int, dev
         x[i, : len(seq) - 1] = torch.tensor(seq[:-1])
         y[i, len(p) - 1 : len(seq) - 1] = torch.tensor(r)
     x, y = x.to(device), y.to(device)
-    if hasattr(model, "module"):  # under DDP: the wrapped forward (gradient hooks), full logits
+    if hasattr(model, "module") or is_sharded(model):  # DDP / FSDP: through forward (their hooks), full logits
         logits = model(x).float()
         logp = -F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100, reduction="none").view(y.shape)
         return logp.sum(dim=1)
@@ -125,8 +126,15 @@ class DPOObjective(Objective):
     @torch.no_grad()
     def _reference_logps(self, split: str, items: list, idx: list[int]) -> torch.Tensor:
         todo = [i for i in idx if (split, i) not in self._ref]
+        module, ctx = self.reference()
+        if split == "train" and is_sharded(module):
+            # FSDP and the reference is the sharded policy (adapters disabled): its forward is a
+            # collective, so every rank runs one when any rank has uncached examples (a rank
+            # with none recomputes one cached example, whose cached value is kept).
+            info = DistInfo(self.ctx.rank, 0, self.ctx.world_size)
+            if any_rank(bool(todo), info) and not todo:
+                todo = idx[:1]
         if todo:
-            module, ctx = self.reference()
             was = module.training
             module.eval()
             try:
@@ -137,7 +145,7 @@ class DPOObjective(Objective):
                 module.train(was)
             n = len(todo)
             for k, i in enumerate(todo):
-                self._ref[(split, i)] = (lp[k].item(), lp[n + k].item())
+                self._ref.setdefault((split, i), (lp[k].item(), lp[n + k].item()))
         return torch.tensor([self._ref[(split, i)] for i in idx], device=self.ctx.device)
 
     def _policy_logps(self, model, items: list, idx: list[int]) -> torch.Tensor:
@@ -192,7 +200,14 @@ def reference_for(model, full_finetune: bool):
         frozen = copy.deepcopy(model).eval()
         for p in frozen.parameters():
             p.requires_grad_(False)
-        return lambda: (frozen, nullcontext())
+
+        def frozen_ref():
+            device = next(model.parameters()).device  # the engine may have moved the policy (GPU)
+            if next(frozen.parameters()).device != device:
+                frozen.to(device)
+            return frozen, nullcontext()
+
+        return frozen_ref
     from ...model.peft import adapters_disabled
 
     def ref():
