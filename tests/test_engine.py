@@ -285,13 +285,14 @@ def test_eval_metrics_and_logs(tiny_data: Path, tmp_path: Path) -> None:
     assert [e.step for e in acc.Scalars("train/loss")] == [2, 4, 6]
     assert acc.Scalars("eval/val_loss")[-1].value == pytest.approx(evals[-1]["val_loss"], rel=1e-6)
 
-    # the loss curves as a picture: a real 800x600 PNG with something drawn on it
+    # the loss curves as a picture in the run's report card: a real 800x450 PNG with something drawn on it
     from matplotlib.image import imread
 
-    png = tmp_path / "curves.png"
+    assert "](plots/loss.png)" in (tmp_path / "report.md").read_text()
+    png = tmp_path / "plots" / "loss.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     img = imread(png)
-    assert img.shape[:2] == (600, 800)
+    assert img.shape[:2] == (450, 800)
     assert img[..., :3].std() > 0.05  # not a blank canvas
 
 

@@ -77,7 +77,7 @@ def test_sft_lora_run_lowers_held_out_loss_and_saves_an_adapter(base, tmp_path):
     ckpt = Path(s["checkpoint"])
     assert (ckpt / "adapter_model.safetensors").is_file() and not (ckpt / "model.safetensors").exists()
     assert (ckpt / "adapter_config.json").is_file()  # a Llama-family LoRA: PEFT's format
-    assert (out / "curves.png").stat().st_size > 0
+    assert (out / "plots" / "loss.png").stat().st_size > 0 and s["report"] == str(out / "report.md")
     model, _ = load_model(out)  # base + adapter
     assert model.peft is not None
     assert main(["merge", str(out), str(tmp_path / "merged")]) == 0

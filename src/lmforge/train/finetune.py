@@ -2,10 +2,11 @@
 fully or with a parameter-efficient method, on the one training engine.
 
 A run directory gets the engine's usual files (checkpoints, metrics.jsonl, TensorBoard,
-summary.json, curves.png) plus and, for classification, ``classification.json``,
-``classification.md`` and ``confusion_matrix.png``. With a PEFT method the checkpoints are
-adapter checkpoints (only the trained tensors; they name their base), which every command
-that takes a checkpoint loads like any other.
+summary.json, the report card report.md with plots/) and, for classification,
+``classification.json``, ``classification.md`` and ``confusion_matrix.png`` (also in the
+report). With a PEFT method the checkpoints are adapter checkpoints (only the trained
+tensors; they name their base), which every command that takes a checkpoint loads like any
+other.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from ..config import to_dict
 from ..errors import ConfigError
 from ..model.peft import PeftConfig, apply_peft, store_frozen_in, trainable_summary
 from .checkpoint import list_checkpoints, load_model, read_config, resolve_checkpoint
+from .continual import ContinualConfig, describe, make_penalties, replay_sft_objective
 from .engine import Engine, TrainConfig
 from .objectives.classify import ClassifyConfig, ClassifyObjective
 from .objectives.dpo import DPOConfig, DPOObjective, reference_for
@@ -68,6 +70,7 @@ class FinetuneConfig:
     train: TrainConfig = field(default_factory=_default_train)
     log: LogConfig = field(default_factory=LogConfig)
     overwrite: bool = False
+    continual: ContinualConfig = field(default_factory=ContinualConfig)  # SFT: replay old conversations, L2 / EWC
 
 
 KIND = {"sft": "chat", "classify": "classify", "dpo": "preference"}
@@ -155,8 +158,11 @@ def run_finetune(cfg: FinetuneConfig, resume: bool = False) -> dict[str, Any]:
         store_frozen_in(model, torch.bfloat16 if cfg.train.precision == "bf16" else torch.float16)
     context = model.config.context_length - model.virtual_tokens
 
+    if cfg.continual.replay_data and cfg.objective != "sft":
+        raise ConfigError("continual.replay_data (replay of old conversations) works with objective=sft")
     if cfg.objective == "sft":
         objective = SFTObjective(train_ex, val_ex, tokenizer, template, cfg.sft, context)
+        objective = replay_sft_objective(cfg.continual, objective, tokenizer, template, cfg.sft, context, cfg.train.seed)
     elif cfg.objective == "classify":
         objective = ClassifyObjective(train_ex, val_ex, labels, tokenizer, cfg.classify, context)
     else:
@@ -169,6 +175,7 @@ def run_finetune(cfg: FinetuneConfig, resume: bool = False) -> dict[str, Any]:
         extra["tokenizer"] = base_config["tokenizer"]
     if labels and cfg.objective == "classify":
         extra["labels"] = labels
+        extra["classify_template"] = cfg.classify.template  # how `lmforge eval` puts texts to the head
     engine = Engine(
         model,
         objective,
@@ -182,6 +189,14 @@ def run_finetune(cfg: FinetuneConfig, resume: bool = False) -> dict[str, Any]:
         sidecars_from=base,
         base_checkpoint=base if peft.method != "none" else None,
     )
+    if engine.sharded and (peft.method == "adalora" or cfg.continual.l2 > 0 or cfg.continual.ewc > 0):
+        raise ConfigError("train.parallel=fsdp does not support peft.method=adalora or continual.l2/ewc: they read "
+                          "whole parameters outside the forward, where FSDP holds shards; use train.parallel=ddp")
+    if cfg.continual.enabled:  # theta0 / Fisher: the weights the run starts from, before a resume
+        engine.hooks.extend(make_penalties(cfg.continual, engine.model, engine.objective, engine.autocast,
+                                           verbose=engine.dist.is_main))
+        if engine.dist.is_main:
+            print(describe(cfg.continual, engine.objective))
     engine.start(resume, cfg.overwrite)
     if engine.dist.is_main:
         print(
@@ -191,7 +206,7 @@ def run_finetune(cfg: FinetuneConfig, resume: bool = False) -> dict[str, Any]:
         )
     start_eval = engine.evaluate() if val_ex and engine.step == 0 else {}
     t0 = time.perf_counter()
-    result = engine.fit()
+    result = engine.fit(report=False)  # the report card is written below, with this run's summary
     wall = time.perf_counter() - t0
     summary: dict[str, Any] = {
         "objective": cfg.objective,
@@ -209,32 +224,51 @@ def run_finetune(cfg: FinetuneConfig, resume: bool = False) -> dict[str, Any]:
     }
     if torch.cuda.is_available() and engine.device.type == "cuda":
         summary["peak_cuda_mib"] = torch.cuda.max_memory_allocated(engine.device) / 2**20
-    if isinstance(objective, SFTObjective):
-        summary["sft"] = objective.stats
+    sft_objective = getattr(objective, "new", objective)  # with continual replay: the new data's objective
+    if isinstance(sft_objective, SFTObjective):
+        summary["sft"] = sft_objective.stats
+    predictions = None
+    if isinstance(objective, ClassifyObjective) and objective.val:
+        engine.model.eval()
+        with engine.gathered():  # under FSDP every rank gathers the model while rank 0 predicts
+            predictions = objective.predict(engine.model) if engine.dist.is_main else None
     if engine.dist.is_main:
-        png = out / "curves.png"  # written by the engine's logger
-        summary["loss_curves"] = str(png) if png.is_file() else None
+        figures, tables = [], []
         if isinstance(objective, ClassifyObjective) and objective.val:
-            summary["classification"] = _classification_report(engine, objective, out)
+            summary["classification"], markdown = _classification_report(objective, predictions, out)
+            figures.append(("Held-out confusion matrix", out / "confusion_matrix.png"))
+            tables.append(("Held-out classification report", markdown))
+        method = summary["method"] + (f", {peft.quantize_base} base" if peft.quantize_base != "none" else "")
+        report = engine.write_report(
+            title=f"Fine-tuning run {out.name}: {cfg.objective} ({method})",
+            summary={k: v for k, v in summary.items() if k not in ("quantize_base", "method", "objective")},
+            figures=figures,
+            tables=tables,
+            notes=f"Base model: `{base.resolve()}`. {len(train_ex)} train / {len(val_ex)} held-out examples.",
+        )
+        summary["report"] = str(report) if report else None
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         _print_summary(summary)
     return summary
 
 
-def _classification_report(engine: Engine, objective: ClassifyObjective, out: Path) -> dict[str, Any]:
+def _classification_report(objective: ClassifyObjective, predictions: tuple[list[int], list[int]], out: Path) -> tuple[dict[str, Any], str]:
+    """(headline metrics, the report as markdown) of ``predictions`` (true, predicted) on the
+    held-out set; writes classification.json/.md and the confusion-matrix PNG into ``out``."""
     from ..eval.metrics import (
         classification_report,
         format_report_markdown,
         plot_confusion_matrix,
     )
 
-    engine.model.eval()
-    true, pred = objective.predict(engine.model)
+    true, pred = predictions
     report = classification_report(true, pred, objective.labels)
     (out / "classification.json").write_text(json.dumps(report, indent=2) + "\n")
     plot_confusion_matrix(report, out / "confusion_matrix.png", title="held-out confusion matrix")
-    (out / "classification.md").write_text(format_report_markdown(report) + "\n\n![confusion matrix](confusion_matrix.png)\n")
-    return {"accuracy": report["accuracy"], "macro_f1": report["macro_f1"], "micro_f1": report["micro_f1"]}
+    markdown = format_report_markdown(report)
+    (out / "classification.md").write_text(markdown + "\n\n![confusion matrix](confusion_matrix.png)\n")
+    headline = {"accuracy": report["accuracy"], "macro_f1": report["macro_f1"], "micro_f1": report["micro_f1"]}
+    return headline, markdown
 
 
 def _print_summary(s: dict[str, Any]) -> None:

@@ -1,4 +1,6 @@
-"""`lmforge pretrain`: a GPT from scratch on prepared token shards (next-token objective)."""
+"""`lmforge pretrain`: a GPT from scratch on prepared token shards (next-token objective), or
+continued pretraining from a checkpoint's weights (``init_from``), optionally with the
+continual-learning plug-ins of :mod:`lmforge.train.continual` (``continual.*``)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,14 @@ from ..config import to_dict
 from ..data.shards import load_meta
 from ..errors import ConfigError
 from ..model.gpt import GPT, GPTConfig
-from .checkpoint import list_checkpoints
+from .checkpoint import list_checkpoints, load_model, read_config
+from .continual import (
+    ContinualConfig,
+    describe,
+    make_penalties,
+    replay_lm_objective,
+    same_vocabulary,
+)
 from .engine import Engine, FitResult, TrainConfig
 from .objectives.lm import LMObjective
 from .tracking import LogConfig
@@ -26,6 +35,8 @@ class PretrainConfig:
     log: LogConfig = field(default_factory=LogConfig)
     pad_vocab_to: int = 1  # round the tokenizer's vocabulary up to a multiple (64 speeds up GPUs)
     overwrite: bool = False  # start afresh in an out_dir that holds checkpoints (deletes them and its logs)
+    init_from: str = ""  # start from this checkpoint's weights (continued pretraining); its model settings replace model.*
+    continual: ContinualConfig = field(default_factory=ContinualConfig)  # replay / L2 / EWC against old data
 
 
 def model_config_for_data(cfg: PretrainConfig) -> GPTConfig:
@@ -44,10 +55,15 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> FitResult:
             f"{out} already holds checkpoints: pass --resume to continue, overwrite=true to start afresh, "
             "or choose another out_dir"
         )
-    model_cfg = model_config_for_data(cfg)
     torch.manual_seed(cfg.train.seed)
-    model = GPT(model_cfg)
-    objective = LMObjective(cfg.data, model_cfg.context_length, cfg.train.eval_tokens)
+    if cfg.init_from:
+        model = initial_model(cfg)
+        model_cfg = model.config
+    else:
+        model_cfg = model_config_for_data(cfg)
+        model = GPT(model_cfg)
+    lm = LMObjective(cfg.data, model_cfg.context_length, cfg.train.eval_tokens)
+    objective = replay_lm_objective(cfg.continual, lm, model_cfg.context_length, cfg.train.eval_tokens)
     run_config = to_dict(replace(cfg, model=model_cfg))
     engine = Engine(
         model,
@@ -55,8 +71,37 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> FitResult:
         cfg.train,
         out,
         log=cfg.log,
-        tokenizer_file=objective.tokenizer_file,
+        tokenizer_file=lm.tokenizer_file,
         run_config=run_config,
     )
+    if engine.sharded and (cfg.continual.l2 > 0 or cfg.continual.ewc > 0):
+        raise ConfigError("train.parallel=fsdp does not support continual.l2/ewc: the penalties read whole parameters "
+                          "outside the forward, where FSDP holds shards; use train.parallel=ddp")
+    if cfg.continual.enabled:
+        # theta0 and the EWC Fisher are the weights the run starts from (before a resume loads later ones)
+        engine.hooks.extend(make_penalties(cfg.continual, engine.model, engine.objective, engine.autocast,
+                                           verbose=engine.dist.is_main))
+        if engine.dist.is_main:
+            print(describe(cfg.continual, engine.objective))
     engine.start(resume, cfg.overwrite)
-    return engine.fit()
+    shape = f"{model_cfg.n_layer} layers x {model_cfg.n_embd}, {model_cfg.pos_embedding}, {model_cfg.mlp}"
+    return engine.fit(report_title=f"Pretraining run {out.name} ({shape})")
+
+
+def initial_model(cfg: PretrainConfig) -> GPT:
+    """The model of checkpoint ``cfg.init_from`` (its weights and settings), checked against the
+    data: the same tokenizer vocabulary, a plain (not adapter, not quantized) checkpoint."""
+    from ..data.shards import load_meta
+
+    model, ckpt = load_model(cfg.init_from)
+    if getattr(model, "peft", None) is not None:
+        raise ConfigError(f"init_from={cfg.init_from} is an adapter checkpoint; merge it first (`lmforge merge`)")
+    if read_config(ckpt).get("quantization"):
+        raise ConfigError(f"init_from={cfg.init_from} is a quantized checkpoint; continue from a full-precision one")
+    data_tok = Path(cfg.data) / load_meta(cfg.data).get("tokenizer", "tokenizer.json")
+    if not (ckpt / "tokenizer.json").is_file() or not same_vocabulary(ckpt / "tokenizer.json", data_tok):
+        raise ConfigError(
+            f"init_from={cfg.init_from}: the data in {cfg.data} was prepared with another tokenizer than the "
+            "checkpoint's; prepare it with the checkpoint's tokenizer.json"
+        )
+    return model

@@ -1,4 +1,6 @@
-"""Run logging: console progress bar, metrics.jsonl, TensorBoard, and W&B when configured."""
+"""Run logging: console progress bar, metrics.jsonl, TensorBoard, and W&B when configured.
+
+The curves are drawn at the end of a run into its report card (:mod:`lmforge.eval.report`)."""
 
 from __future__ import annotations
 
@@ -23,44 +25,7 @@ class LogConfig:
     wandb: bool = False  # needs `pip install wandb` and a login or WANDB_API_KEY
     wandb_project: str = "lmforge"
     wandb_run_name: str | None = None
-
-
-def plot_curves(metrics_file: Path, out_png: Path) -> Path | None:
-    """Train/val loss and learning rate against step, from a run's metrics.jsonl, as a PNG."""
-    rows = []
-    if metrics_file.is_file():
-        for line in metrics_file.read_text(encoding="utf-8").splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    train = [(r["step"], r["loss"], r.get("lr")) for r in rows if r.get("kind") == "train" and "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in rows if r.get("kind") == "eval" and "val_loss" in r]
-    if not train and not val:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=[3, 1])
-    if train:
-        ax.plot([t[0] for t in train], [t[1] for t in train], label="train loss", lw=1)
-    if val:
-        ax.plot([v[0] for v in val], [v[1] for v in val], "o-", label="val loss", lw=1.5)
-    ax.set_ylabel("loss (nats/token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    lrs = [(t[0], t[2]) for t in train if t[2] is not None]
-    if lrs:
-        ax_lr.plot([x[0] for x in lrs], [x[1] for x in lrs], color="tab:green", lw=1)
-    ax_lr.set_ylabel("learning rate")
-    ax_lr.set_xlabel("step")
-    ax_lr.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
-    return out_png
+    report: bool = True  # out_dir/report.md with plots/ (loss, learning rate, other metrics) at the end
 
 
 class RunLogger:
@@ -128,7 +93,6 @@ class RunLogger:
         self.bar.close()
         if self._jsonl is not None:
             self._jsonl.close()
-            plot_curves(Path(self._jsonl.name), Path(self._jsonl.name).with_name("curves.png"))
         if self._tb is not None:
             self._tb.close()
         if self._wandb is not None:
