@@ -200,9 +200,13 @@ def score_continuations(
     return score_token_pairs(model, pairs, batch_size=batch_size)
 
 
-def score_token_pairs(model: Any, pairs: Sequence[tuple[list[int], list[int]]], *, batch_size: int = 16) -> list[float]:
+def score_token_pairs(
+    model: Any, pairs: Sequence[tuple[list[int], list[int]]], *, batch_size: int = 16, with_greedy: bool = False
+) -> list[Any]:
     """:func:`score_continuations` on token ids: ``(context ids, continuation ids)`` pairs that
-    fit the model (context + continuation - 1 positions)."""
+    fit the model (context + continuation - 1 positions). ``with_greedy``: ``(score, is_greedy)``
+    pairs instead, ``is_greedy`` telling whether every continuation token is the argmax of its
+    position (lm-eval's ``loglikelihood`` answer)."""
     if batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
     order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
@@ -223,11 +227,15 @@ def score_token_pairs(model: Any, pairs: Sequence[tuple[list[int], list[int]]], 
                     cols.append(n_ctx - 1 + t)
                     targets.append(pairs[i][1][t])
             logp = _logits_at(model, idx.to(device), torch.tensor(rows), torch.tensor(cols))
-            picked = logp[torch.arange(len(targets)), torch.tensor(targets, device=logp.device)].double().cpu()
+            tgt = torch.tensor(targets, device=logp.device)
+            picked = logp[torch.arange(len(targets)), tgt].double().cpu()
+            hits = (logp.argmax(dim=-1) == tgt).cpu() if with_greedy else None
             at = 0
             for i in batch:
                 n_cont = len(pairs[i][1])
                 scores[i] = float(picked[at : at + n_cont].sum())
+                if hits is not None:
+                    scores[i] = (scores[i], bool(hits[at : at + n_cont].all()))
                 at += n_cont
     return scores
 
@@ -247,29 +255,39 @@ def prompt_scores(
     model: Any,
     tokenizer: Any,
     prompts: Sequence[str],
-    continuations: Sequence[str],
+    continuations: Sequence[str] | Sequence[Sequence[str]],
     *,
     batch_size: int = 16,
     length_normalize: bool = False,
     use_cache: bool = True,
     progress: bool = False,
 ) -> np.ndarray:
-    """``(len(prompts), len(continuations))`` log-likelihoods of every continuation after every
-    prompt (divided by its token count with ``length_normalize``). With ``use_cache`` (and a
+    """``(len(prompts), L)`` log-likelihoods of every continuation after every prompt (divided
+    by its token count with ``length_normalize``). ``continuations``: the same ``L`` texts for
+    every prompt (labels), or one list per prompt (multiple-choice options; ``L`` is the longest
+    list, and the missing places of shorter ones score ``-inf``). With ``use_cache`` (and a
     model with ``forward_cached``) each prompt runs once and the shared prompt prefix once in
     all (module docstring); otherwise every pair runs through :func:`score_token_pairs`. A
-    prompt too long for the model loses tokens from its left, as many for every label (enough
-    for the longest), so both ways give the same scores."""
+    prompt too long for the model loses tokens from its left, as many for every continuation
+    (enough for the longest), so both ways give the same scores."""
     if batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
+    per_prompt = bool(continuations) and not isinstance(continuations[0], str)
+    if per_prompt and len(continuations) != len(prompts):
+        raise ConfigError(f"{len(continuations)} continuation lists for {len(prompts)} prompts")
+    options = [list(c) for c in continuations] if per_prompt else [list(continuations)] * len(prompts)
+    if per_prompt and not all(options):
+        raise ConfigError("every prompt needs at least one continuation")
     if not prompts or not continuations:
         return np.zeros((len(prompts), len(continuations)))
-    P, L = len(prompts), len(continuations)
+    P, L = len(prompts), max(len(o) for o in options)
+    counts = [len(o) for o in options]
     max_len = _context_length(model)
     ctxs: list[list[int]] = []
     conts: list[list[list[int]]] = []
-    for p in prompts:
-        pairs = [encode_pair(tokenizer, p, c) for c in continuations]
+    for p, opts in zip(prompts, options):
+        pairs = [encode_pair(tokenizer, p, c) for c in opts]
+        pairs += [pairs[0]] * (L - len(pairs))  # shorter option lists: filler, scored -inf below
         longest = max(len(c) for _, c in pairs)
         # one context for all labels (the context's encoding does not depend on the continuation),
         # cut for the longest; the last continuation token is never fed, hence max_len + 1
@@ -282,7 +300,7 @@ def prompt_scores(
         scores = np.asarray(flat, dtype=np.float64).reshape(P, L)
         if length_normalize:
             scores = scores / np.array([[len(c) for c in row] for row in conts])
-        return scores
+        return _mask_missing(scores, counts)
 
     from ..model.cache import KVCache
 
@@ -325,19 +343,31 @@ def prompt_scores(
                 total = first.numpy().copy()
                 if any(len(c) > 1 for c in cj):
                     feed = [c[:-1] if len(c) > 1 else c[:1] for c in cj]  # one-token rows feed a dummy
-                    Tj = max(len(f) for f in feed)
-                    idx = torch.zeros(b, Tj, dtype=torch.long)
-                    for r, f in enumerate(feed):
-                        idx[r, : len(f)] = torch.tensor(f)
-                    out = model.forward_cached(idx.to(device), cache.rows(0, b), [len(f) for f in feed], logits="all")
-                    cache.lengths = list(saved)  # the next label overwrites these positions
-                    logp = F.log_softmax(out.float(), dim=-1)
-                    for r, c in enumerate(cj):
-                        if len(c) > 1:
-                            tgt = torch.tensor(c[1:], device=logp.device)
-                            total[r] += float(logp[r, torch.arange(len(c) - 1), tgt].double().sum())
+                    # every row of a batch gets the longest feed's positions: when that runs past
+                    # the context for some row (per-prompt options of very different lengths),
+                    # the rows go one at a time
+                    fits = max(saved) + max(len(f) for f in feed) <= cache.max_len
+                    for group in [range(b)] if fits else [range(r, r + 1) for r in range(b)]:
+                        Tj = max(len(feed[r]) for r in group)
+                        idx = torch.zeros(len(group), Tj, dtype=torch.long)
+                        for g, r in enumerate(group):
+                            idx[g, : len(feed[r])] = torch.tensor(feed[r])
+                        out = model.forward_cached(idx.to(device), cache.rows(group[0], group[-1] + 1),
+                                                   [len(feed[r]) for r in group], logits="all")
+                        cache.lengths = list(saved)  # the next label overwrites these positions
+                        logp = F.log_softmax(out.float(), dim=-1)
+                        for g, r in enumerate(group):
+                            if len(cj[r]) > 1:
+                                tgt = torch.tensor(cj[r][1:], device=logp.device)
+                                total[r] += float(logp[g, torch.arange(len(cj[r]) - 1), tgt].double().sum())
                 for r, i in enumerate(batch):
                     scores[i, j] = total[r] / (len(cj[r]) if length_normalize else 1)
+    return _mask_missing(scores, counts)
+
+
+def _mask_missing(scores: np.ndarray, counts: list[int]) -> np.ndarray:
+    for i, n in enumerate(counts):
+        scores[i, n:] = -np.inf
     return scores
 
 
