@@ -17,6 +17,7 @@ pairs with the second half), so Llama-family HF weights load without permutation
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal
@@ -168,6 +169,12 @@ class Attention(nn.Module):
         self.impl: AttentionImpl = "auto"
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
+    #: Opt-in observer of the uncached forward (:mod:`lmforge.eval.attention`): when set on an
+    #: instance, called with the post-rotary queries (B, H, T, D), the keys and values as
+    #: attended (B, H, S, D: prefix-tuning keys first, GQA heads repeated) and the attention
+    #: output (B, H, T, D). None (the class default) costs one attribute read.
+    capture: Callable[..., None] | None = None
+
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, kv: LayerKV | None = None
     ) -> torch.Tensor:
@@ -201,6 +208,8 @@ class Attention(nn.Module):
             y = math_attention(q, k, v, dropout)
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+        if self.capture is not None:
+            self.capture(q, k, v, y)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.resid_dropout(self.o_proj(y))
 
