@@ -459,3 +459,33 @@ def test_cli_errors_are_one_line(chat_ckpt, tmp_path, capsys):
     assert "holds no keys" in capsys.readouterr().err
     assert main(["serve", str(chat_ckpt), "--max-n", "0"]) == 2
     assert "--max-n" in capsys.readouterr().err
+
+
+def test_ctrl_c_stops_the_foreground_server_cleanly(chat_ckpt, tmp_path):
+    """`lmforge serve` in its own process: SIGINT drains, exits 0, and logs no traceback."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "lmforge.cli", "serve", str(chat_ckpt), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        else:
+            pytest.fail("the server did not come up")
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out
+    assert '"msg": "stopped"' in out and "Traceback" not in out, out

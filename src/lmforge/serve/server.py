@@ -10,6 +10,7 @@ to ``drain_timeout`` seconds, then the app's lifespan drains and stops the engin
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -33,7 +34,22 @@ def run_server(app, **kwargs) -> None:
     """Serve in the foreground until SIGINT/SIGTERM (then drain and return)."""
     import uvicorn
 
-    uvicorn.Server(uvicorn_config(app, **kwargs)).run()
+    class Server(uvicorn.Server):
+        def capture_signals(self):
+            # uvicorn re-raises a captured SIGINT after its graceful shutdown; that lands in the
+            # event loop while the lifespan task still waits and logs a CancelledError traceback.
+            # Forget the captured signals instead: run() returns and the command exits cleanly.
+            @contextlib.contextmanager
+            def captured():
+                with super(Server, self).capture_signals():
+                    try:
+                        yield
+                    finally:
+                        self._captured_signals.clear()
+
+            return captured()
+
+    Server(uvicorn_config(app, **kwargs)).run()
 
 
 class BackgroundServer:
