@@ -180,7 +180,7 @@ def test_checkpoint_files_pruning_and_load_model(tiny_data: Path, tmp_path: Path
     # no pickle anywhere: every file of the run is safetensors, JSON, YAML or the PNG plot, and each one parses
     for path in run.rglob("*"):
         if path.is_file():
-            assert path.suffix in (".safetensors", ".json", ".jsonl", ".yaml", ".png"), path
+            assert path.suffix in (".safetensors", ".json", ".jsonl", ".yaml", ".png", ".md"), path
             if path.suffix == ".safetensors":
                 assert load_file(str(path))
             elif path.suffix == ".json":

@@ -37,7 +37,7 @@ from safetensors.torch import load_file, save_file
 
 from .. import __version__
 from ..config import from_dict, to_dict
-from ..errors import LmforgeError
+from ..errors import ConfigError, LmforgeError
 from ..fileio import atomic_write_json, staged_dir
 from ..model import quant
 from ..model.gpt import GPT, GPTConfig
@@ -225,6 +225,8 @@ def _shard_like_parameters(tensors: dict[str, torch.Tensor], optimizer) -> dict[
         if not name.startswith("optim."):
             continue
         _, i, pid, _key = name.split(".", 3)
+        if int(i) >= len(params) or int(pid) >= len(params[int(i)]):
+            continue  # another optimizer layout: loading the state dicts says what differs
         p = params[int(i)][int(pid)]
         if isinstance(p, DTensor) and tuple(t.shape) == tuple(p.shape):
             out[name] = distribute_tensor(t.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
@@ -238,6 +240,16 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
         return []
     found = [(int(m.group(1)), p) for p in ckdir.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
     return [p for _, p in sorted(found)]
+
+
+def check_fresh_run(out_dir: str | Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to start a new run over a run directory that holds checkpoints (they would pass
+    for the new run's, or be resumed by mistake) unless resuming or overwriting."""
+    if not resume and not overwrite and list_checkpoints(out_dir):
+        raise ConfigError(
+            f"{out_dir} already holds checkpoints: pass --resume to continue, overwrite=true to start afresh, "
+            "or choose another out_dir"
+        )
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

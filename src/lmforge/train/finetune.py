@@ -22,7 +22,12 @@ import torch
 from ..config import to_dict
 from ..errors import ConfigError
 from ..model.peft import PeftConfig, apply_peft, store_frozen_in, trainable_summary
-from .checkpoint import list_checkpoints, load_model, read_config, resolve_checkpoint
+from .checkpoint import (
+    check_fresh_run,
+    load_model,
+    read_config,
+    resolve_checkpoint,
+)
 from .continual import ContinualConfig, describe, make_penalties, replay_sft_objective
 from .engine import Engine, TrainConfig
 from .objectives.classify import ClassifyConfig, ClassifyObjective
@@ -130,11 +135,7 @@ def run_finetune(cfg: FinetuneConfig, resume: bool = False) -> dict[str, Any]:
     if not cfg.base:
         raise ConfigError("no base model: set base=CHECKPOINT (a checkpoint or run directory)")
     out = Path(cfg.out_dir)
-    if not resume and list_checkpoints(out) and not cfg.overwrite:
-        raise ConfigError(
-            f"{out} already holds checkpoints: pass --resume to continue, overwrite=true to start afresh, "
-            "or choose another out_dir"
-        )
+    check_fresh_run(out, resume, cfg.overwrite)
     base = resolve_checkpoint(cfg.base)
     base_config = read_config(base)
     tokenizer = Tokenizer.from_file(base / "tokenizer.json")

@@ -13,7 +13,7 @@ from ..config import to_dict
 from ..data.shards import load_meta
 from ..errors import ConfigError
 from ..model.gpt import GPT, GPTConfig
-from .checkpoint import list_checkpoints, load_model, read_config
+from .checkpoint import check_fresh_run, load_model, read_config
 from .continual import (
     ContinualConfig,
     describe,
@@ -50,11 +50,7 @@ def model_config_for_data(cfg: PretrainConfig) -> GPTConfig:
 
 def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> FitResult:
     out = Path(cfg.out_dir)
-    if not resume and list_checkpoints(out) and not cfg.overwrite:
-        raise ConfigError(
-            f"{out} already holds checkpoints: pass --resume to continue, overwrite=true to start afresh, "
-            "or choose another out_dir"
-        )
+    check_fresh_run(out, resume, cfg.overwrite)
     torch.manual_seed(cfg.train.seed)
     if cfg.init_from:
         model = initial_model(cfg)
