@@ -18,7 +18,8 @@ from typing import Any, Callable
 from .errors import LmforgeError
 
 STAGES = """stages, in the order of a model's life:
-  quickstart        the whole job on embedded data (Tiny Shakespeare): tokenizer, data, pretrain, samples
+  quickstart        the whole pipeline on embedded data: corpus, BPE tokenizer, pretrain, chat SFT, eval,
+                    report card, then the chat server
   tokenizer train   train a byte-level BPE or build a character tokenizer -> tokenizer.json
   data prepare      text / JSONL / Parquet -> tokenized train/val shards
   data reddit       Pushshift Reddit dumps -> train/val chat conversations (also: data synth-reddit)
@@ -26,13 +27,19 @@ STAGES = """stages, in the order of a model's life:
   pretrain          train a GPT from scratch on prepared shards (next-token objective)
   finetune          adapt a model: chat SFT, classification, DPO; full or LoRA/QLoRA/DoRA/AdaLoRA/IA3/
                     adapters/prefix/prompt tuning (saves only the adapter)
+  adversarial       SeqGAN-style: a chat generator trained by policy gradient against a discriminator
   merge             fold a LoRA/DoRA/AdaLoRA/IA3 adapter into its base -> a plain checkpoint
   sample            print continuations of a prompt from a checkpoint
   generate          complete prompts (arguments, a file or stdin) -> JSONL, batched
   chat              talk to a model: multi-turn REPL with streaming, /reset, /system
+  eval              checkpoints x tasks: perplexity / bits per byte, classification, multiple choice, generation,
+                    chat; zero- and few-shot side by side; results, predictions, plots, report card
+  attention         per-layer/per-head attention maps of a text (PNG, HTML viewer) + most attended tokens
   import            a Hugging Face model (directory or hub id) or a GGUF file -> lmforge checkpoint
   export            an lmforge checkpoint -> Hugging Face directory or GGUF file
   quantize          a checkpoint -> weight-only int8 / int4 / bf16 checkpoint (smaller, faster decode)
+  prune             a checkpoint -> magnitude-sparse, or smaller (MLP channels / attention heads removed),
+                    optionally with recovery fine-tuning
   serve             OpenAI-compatible HTTP server (chat, completions, metrics) with a web chat page
   presets           list the named model shapes
 """
@@ -97,15 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"lmforge {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="STAGE")
 
-    q = sub.add_parser(
-        "quickstart",
-        help="the whole job on embedded Tiny Shakespeare, then samples",
-        description="Build a char tokenizer, prepare Tiny Shakespeare, pretrain the default recipe and print samples.",
-        epilog="overrides refine the pretrain recipe, e.g. train.max_steps=200",
-    )
-    q.add_argument("--out", default="runs/quickstart", help="run directory (default runs/quickstart)")
-    q.add_argument("--recipe", default="shakespeare-char", help="pretrain recipe (default shakespeare-char)")
-    q.add_argument("overrides", nargs="*", metavar="key=value")
+    from .quickstart import add_parser as add_quickstart_parser
+
+    add_quickstart_parser(sub)
 
     tok = sub.add_parser("tokenizer", help="tokenizer stage").add_subparsers(dest="action", metavar="ACTION")
     _stage_parser(tok, "train", "tokenizer", TokenizerTrainConfig, "train a BPE or build a char tokenizer")
@@ -133,6 +134,16 @@ def build_parser() -> argparse.ArgumentParser:
         "finetune",
         FinetuneConfig,
         "adapt a checkpoint: chat SFT, classification or DPO, full or parameter-efficient",
+        lambda p: p.add_argument("--resume", action="store_true", help="continue from out_dir's newest checkpoint"),
+    )
+    from .train.adversarial import AdversarialRunConfig
+
+    _stage_parser(
+        sub,
+        "adversarial",
+        "adversarial",
+        AdversarialRunConfig,
+        "train a chat generator against a discriminator (policy gradient, KL to the start, MLE)",
         lambda p: p.add_argument("--resume", action="store_true", help="continue from out_dir's newest checkpoint"),
     )
     mg = sub.add_parser(
@@ -180,6 +191,27 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--system", default=None, help="system prompt")
     add_sampling_args(c, max_tokens=512, temperature=0.7)
 
+    from .eval.run import add_parser as add_eval_parser
+
+    add_eval_parser(sub)
+
+    at = sub.add_parser(
+        "attention",
+        help="attention maps of a text: per-layer/per-head PNGs, HTML viewer, most attended tokens",
+        description="Run a checkpoint on a text and write the attention probabilities of every layer and head: "
+        "layer{L}.png (one heatmap per head), overview.png (mean over heads), attention.html (self-contained "
+        "viewer) and attention.json (tokens, top-k attended tokens per layer/head and overall).",
+    )
+    add_engine_args(at, batch=False)
+    at.add_argument("text", help="the text to run the model on")
+    at.add_argument("--out", help="output directory (default runs/attention/<slug of the text>)")
+    at.add_argument("--layers", help="layer indices, e.g. 0,3 or 2-5 (default all)")
+    at.add_argument("--heads", help="head indices, e.g. 0,1 (default all)")
+    at.add_argument("--max-tokens", type=int, default=None,
+                    help="keep the first N tokens (default: refuse a text longer than the context)")
+    at.add_argument("--top-k", type=int, default=5, help="most attended tokens listed per head and overall (default 5)")
+    at.add_argument("--chat", action="store_true", help="wrap the text as a user message in the chat template")
+
     imp = sub.add_parser(
         "import",
         help="a Hugging Face model or GGUF file -> lmforge checkpoint",
@@ -212,6 +244,34 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("--method", choices=["int8", "int4", "bf16"], required=True)
     qz.add_argument("--group-size", type=int, default=32, help="int4 group size: 32, 64 or 128 (default 32)")
     qz.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+
+    pr = sub.add_parser(
+        "prune",
+        help="a checkpoint -> magnitude-sparse or structurally smaller checkpoint (+ recovery fine-tuning)",
+        description="Prune a checkpoint: magnitude (zero the smallest weights of every Linear), mlp (remove MLP "
+        "channels) or heads (remove attention heads / KV groups), the same count in every layer. With "
+        "--recover-data, fine-tune the pruned model with the LM objective; OUT is then a run directory "
+        "(OUT/pruned before recovery, OUT/checkpoints/step_N after).",
+        epilog="key=value overrides refine the recovery run's pretrain settings, e.g. train.lr=5e-4 "
+        "train.micro_batch_size=24 train.precision=bf16",
+    )
+    pr.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its newest checkpoint)")
+    pr.add_argument("out", help="checkpoint (or, with recovery, run) directory to write")
+    pr.add_argument("--method", choices=["magnitude", "mlp", "heads"], required=True)
+    pr.add_argument("--ratio", type=float, required=True, help="share of weights / channels / heads removed, in (0, 1)")
+    pr.add_argument("--scope", choices=["layer", "global"], default="layer",
+                    help="magnitude: one threshold per matrix or over all of them (default layer)")
+    pr.add_argument("--importance", choices=["auto", "activation", "weight"], default="auto",
+                    help="mlp/heads: activation statistics on calibration data, or weight norms "
+                    "(default auto: activation when calibration data is given)")
+    pr.add_argument("--calib-data", help="prepared shards for activation importance (default: --recover-data)")
+    pr.add_argument("--calib-batches", type=int, default=16, help="calibration batches of 8 windows (default 16)")
+    pr.add_argument("--multiple-of", type=int, default=1, help="mlp: round the kept channels to a multiple (default 1)")
+    pr.add_argument("--include-embeddings", action="store_true", help="magnitude: prune the token embedding too")
+    pr.add_argument("--recover-data", help="prepared shards: fine-tune the pruned model on them (LM objective)")
+    pr.add_argument("--recover-steps", type=int, default=200, help="recovery optimizer steps (default 200)")
+    pr.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    pr.add_argument("overrides", nargs="*", metavar="key=value", help="recovery run settings")
 
     from .serve.commands import add_parser as add_serve_parser
 
@@ -250,6 +310,9 @@ def _report_fit(result, out_dir: str) -> None:
         f"done: {result.steps} steps in {result.wall_s:.1f} s ({result.tokens_per_s:,.0f} tokens/s), "
         f"peak RSS {result.peak_rss_mib:,.0f} MiB\n  {final}\n  checkpoint: {result.checkpoint}"
     )
+    report = Path(out_dir) / "report.md"
+    if report.is_file():
+        print(f"  report: {report}")
 
 
 def cmd_pretrain(args) -> None:
@@ -268,6 +331,17 @@ def cmd_finetune(args) -> None:
     summary = run_finetune(cfg, resume=args.resume)
     if os.environ.get("RANK", "0") == "0":
         print(f"  checkpoint: {summary['checkpoint']}\n  summary: {Path(cfg.out_dir) / 'summary.json'}")
+        if summary.get("report"):
+            print(f"  report: {summary['report']}")
+
+
+def cmd_adversarial(args) -> None:
+    from .config import load_config
+    from .train.adversarial import AdversarialRunConfig, run_adversarial
+
+    cfg = load_config(AdversarialRunConfig, "adversarial", args.recipe, args.overrides)
+    summary = run_adversarial(cfg, resume=args.resume)
+    print(f"  checkpoint: {summary['checkpoint']}\n  samples: {summary.get('samples')}\n  curves: {summary.get('curves')}")
 
 
 def cmd_merge(args) -> None:
@@ -295,12 +369,53 @@ def cmd_chat(args) -> None:
     run_chat(args)
 
 
+def cmd_attention(args) -> None:
+    from .eval.attention import run_attention
+
+    run_attention(
+        args.checkpoint, args.text, out=args.out, layers=args.layers, heads=args.heads, max_tokens=args.max_tokens,
+        top_k=args.top_k, chat=args.chat, device=args.device, dtype=args.dtype,
+        quantize=None if args.quantize == "none" else args.quantize,
+    )
+
+
+def cmd_eval(args) -> None:
+    from .eval.run import run_command
+
+    run_command(args)
+
+
 def cmd_quantize(args) -> None:
     from .model.quant import quantize_checkpoint
 
     path = quantize_checkpoint(args.checkpoint, args.out, args.method, args.group_size, overwrite=args.overwrite)
     size = (path / "model.safetensors").stat().st_size
     print(f"quantized {args.checkpoint} -> {path} ({args.method}, model.safetensors {size / 2**20:.1f} MiB)")
+
+
+def cmd_prune(args) -> None:
+    from .model.prune import prune_and_recover
+
+    summary = prune_and_recover(
+        args.checkpoint, args.out, args.method, args.ratio,
+        recover_data=args.recover_data, recover_steps=args.recover_steps, recover_overrides=args.overrides,
+        calib_data=args.calib_data, calib_batches=args.calib_batches, importance=args.importance,
+        multiple_of=args.multiple_of, scope=args.scope, include_embeddings=args.include_embeddings,
+        overwrite=args.overwrite,
+    )
+    rep = summary["prune"]
+    if rep["method"] == "magnitude":
+        what = f"sparsity {rep['sparsity']:.1%} of {rep['targets']} matrices ({rep['sparsity_all']:.1%} of all weights)"
+    else:
+        shape = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in rep["shape"].items())
+        what = f"{shape}; params {rep['params'][0]:,} -> {rep['params'][1]:,} ({rep['importance']} importance)"
+    print(f"pruned {args.checkpoint} ({rep['method']} {rep['ratio']}): {what}")
+    rec = summary.get("recovery")
+    if rec:
+        before, after = (f"{v:.4f}" if v is not None else "n/a" for v in
+                         (rec["val_loss_after_prune"], rec["val_loss_after_recovery"]))
+        print(f"recovery: {rec['steps']} steps in {rec['wall_s']:.1f} s, val loss {before} after pruning -> {after}")
+    print(f"  checkpoint: {summary['checkpoint']}")
 
 
 def cmd_presets(args) -> None:
@@ -320,33 +435,9 @@ def cmd_presets(args) -> None:
 
 
 def cmd_quickstart(args) -> None:
-    from .config import load_config
-    from .data.prepare import DataPrepareConfig, run_prepare
-    from .infer.commands import print_samples
-    from .infer.engine import load_engine
-    from .infer.sampling import SamplingParams
-    from .paths import embedded_data_dir
-    from .tokenizer.train import TokenizerTrainConfig, run_train
-    from .train.pretrain import PretrainConfig, run_pretrain
+    from .quickstart import run_quickstart
 
-    out = Path(args.out)
-    corpus = str(embedded_data_dir() / "tinyshakespeare.txt")
-    print(f"[1/4] tokenizer: characters of {corpus}")
-    run_train(TokenizerTrainConfig(inputs=[corpus], kind="char", out=str(out / "tokenizer")))
-    print("[2/4] data: tokenize, last 10% held out")
-    run_prepare(
-        DataPrepareConfig(
-            inputs=[corpus], tokenizer=str(out / "tokenizer"), out=str(out / "data"), val_split="tail", add_eot=False
-        )
-    )
-    print(f"[3/4] pretrain: recipe {args.recipe}")
-    base = [f"data={out / 'data'}", f"out_dir={out / 'model'}", "overwrite=true"]
-    cfg = load_config(PretrainConfig, "pretrain", args.recipe, base + list(args.overrides))
-    result = run_pretrain(cfg)
-    _report_fit(result, cfg.out_dir)
-    print("[4/4] samples")
-    engine = load_engine(str(out / "model"), max_batch_size=2, overflow="slide")
-    print_samples(engine, "ROMEO:", 2, SamplingParams(max_tokens=300, temperature=0.8, top_k=200, seed=0))
+    run_quickstart(args)
 
 
 def cmd_serve(args) -> None:
@@ -395,13 +486,17 @@ HANDLERS: dict[tuple[str, str | None], Callable] = {
     **{("data", a): cmd_data_pipeline for a in ("reddit", "clean", "dedup", "pii", "augment", "synth-reddit")},
     ("pretrain", None): cmd_pretrain,
     ("finetune", None): cmd_finetune,
+    ("adversarial", None): cmd_adversarial,
     ("merge", None): cmd_merge,
     ("sample", None): cmd_sample,
     ("generate", None): cmd_generate,
     ("chat", None): cmd_chat,
+    ("eval", None): cmd_eval,
+    ("attention", None): cmd_attention,
     ("import", None): cmd_import,
     ("export", None): cmd_export,
     ("quantize", None): cmd_quantize,
+    ("prune", None): cmd_prune,
     ("serve", None): cmd_serve,
     ("presets", None): cmd_presets,
 }
