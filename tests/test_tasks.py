@@ -17,7 +17,8 @@ FT = embedded_data_dir() / "finetune"
 
 
 def test_embedded_tasks_load() -> None:
-    assert list_tasks() == ["sgd-domain", "topicalchat-sentiment"]
+    assert list_tasks() == ["sgd-chat", "sgd-domain", "sgd-next-utterance", "sgd-reply", "tinyshakespeare",
+                            "topicalchat-sentiment"]
     sgd = load_task("sgd-domain")
     assert sgd.kind == "classify" and len(sgd.labels) == 15 and "Restaurants" in sgd.labels
     assert sgd.verbalizers[sgd.labels.index("RideSharing")] == "Ride sharing"
@@ -37,6 +38,27 @@ def test_embedded_tasks_load() -> None:
     assert len(train) >= 1800 and len(test) >= 450
     assert not {e["text"] for e in train.examples} & {e["text"] for e in test.examples}
     assert load_task(sgd.path).labels == sgd.labels  # by path too
+
+
+def test_embedded_evaluation_sets() -> None:
+    """The next-utterance, reply, chat and perplexity tasks: every record usable, the answer
+    among 4 distinct choices, each item cut from the held-out chat val dialogue of its line."""
+    nu = load_task("sgd-next-utterance")
+    test, pool = nu.test(), nu.train()
+    assert nu.kind == "multiple_choice" and len(test) == 100 and len(pool) == 200
+    assert test.stats.rejected == pool.stats.rejected == {}
+    for e in test.examples + pool.examples:
+        assert len(set(e["choices"])) == 4 and e["query"][-1]["role"] == "user"
+    assert sorted(e["answer"] for e in test.examples) != [0] * 100  # shuffled answers
+    val = [d["messages"] for d in load_examples(str(FT / "sgd_chat_val.jsonl"), "chat").examples]
+    for e, dialogue in zip(test.examples, val):  # each test item cuts the held-out dialogue of its line
+        n = len(e["query"])
+        assert e["query"] == dialogue[:n] and dialogue[n]["content"] == e["choices"][e["answer"]]
+    reply = load_task("sgd-reply").test()
+    assert [r["references"][0] for r in reply.examples] == [e["choices"][e["answer"]] for e in test.examples]
+    assert load_task("sgd-chat").kind == "chat" and len(load_task("sgd-chat").test()) == 100
+    ppl = load_task("tinyshakespeare")
+    assert ppl.kind == "perplexity" and ppl.span == (0.9, 1.0) and Path(ppl.test_path).is_file()
 
 
 def test_chat_and_preference_sets_are_valid_and_disjoint() -> None:
