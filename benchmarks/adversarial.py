@@ -28,7 +28,7 @@ TRAIN = ROOT / "data/finetune/sgd_chat_train.jsonl"
 VAL = ROOT / "data/finetune/sgd_chat_val.jsonl"
 
 
-def build_base(work: Path, pretrain_steps: int, sft_steps: int) -> Path:
+def build_base(work: Path, pretrain_steps: int, sft_steps: int, n_layer: int = 4, n_embd: int = 128) -> Path:
     """tokenizer -> shards -> pretrain -> SFT; returns the SFT run directory. The BPE training
     is deterministic, so every build has the same tokenizer (the run checks it)."""
     from lmforge.config import load_config
@@ -49,7 +49,7 @@ def build_base(work: Path, pretrain_steps: int, sft_steps: int) -> Path:
                                   val_fraction=0.05, num_proc=1))
     pre = load_config(PretrainConfig, "pretrain", None, [
         f"data={work / 'data'}", f"out_dir={work / 'pretrain'}", "overwrite=true",
-        "model.n_layer=4", "model.n_head=4", "model.n_embd=128", "model.context_length=128",
+        f"model.n_layer={n_layer}", "model.n_head=4", f"model.n_embd={n_embd}", "model.context_length=128",
         f"train.max_steps={pretrain_steps}", "train.micro_batch_size=16", "train.lr=3e-3", "train.warmup_steps=50",
         "train.beta2=0.99", "train.eval_interval=0", "train.eval_tokens=8192", "train.precision=fp32", "train.threads=1",
         "train.log_interval=25", "log.tensorboard=false",
@@ -65,12 +65,13 @@ def build_base(work: Path, pretrain_steps: int, sft_steps: int) -> Path:
     return work / "sft"
 
 
-def run_adversarial_benchmark(work: Path, base_s: float, overrides: list[str], out_json: Path) -> dict:
+def run_adversarial_benchmark(work: Path, base_s: float, overrides: list[str], out_json: Path,
+                              recipe: str = "sgd-small", strong: str = "strong", weak: str = "weak") -> dict:
     from lmforge.config import load_config
     from lmforge.train.adversarial import AdversarialRunConfig, run_adversarial
 
-    cfg = load_config(AdversarialRunConfig, "adversarial", "sgd-small", [
-        f"base={work / 'weak/sft'}", f"discriminator={work / 'strong/sft'}", f"out_dir={work / 'adversarial'}",
+    cfg = load_config(AdversarialRunConfig, "adversarial", recipe, [
+        f"base={work / weak / 'sft'}", f"discriminator={work / strong / 'sft'}", f"out_dir={work / 'adversarial'}",
         "overwrite=true",
         f"data.train=[{TRAIN}]", f"data.val=[{VAL}]", *overrides,
     ])
@@ -84,7 +85,7 @@ def run_adversarial_benchmark(work: Path, base_s: float, overrides: list[str], o
     result = {
         "what": "adversarial (SeqGAN-style, GRPO group advantage) training of a small chat model on the SGD conversations",
         "command": "python benchmarks/adversarial.py " + " ".join(sys.argv[1:]),
-        "recipe": "recipes/adversarial/sgd-small.yaml",
+        "recipe": f"recipes/adversarial/{recipe}.yaml",
         "overrides": overrides,
         "base_build_s": round(base_s, 1),
         "adversarial_wall_s": round(summary["wall_s"], 1),
@@ -115,6 +116,12 @@ def main() -> None:
     ap.add_argument("--sft-steps", type=int, default=200)
     ap.add_argument("--weak-pretrain-steps", type=int, default=250, help="the generator's pretraining")
     ap.add_argument("--weak-sft-steps", type=int, default=20)
+    ap.add_argument("--disc-layers", type=int, default=4, help="the discriminator model's depth")
+    ap.add_argument("--disc-embd", type=int, default=128, help="the discriminator model's width")
+    ap.add_argument("--strong-dir", default="strong", help="WORK/<this> holds the discriminator's model")
+    ap.add_argument("--weak-dir", default="weak", help="WORK/<this> holds the generator's model")
+    ap.add_argument("--recipe", default="sgd-small")
+    ap.add_argument("--skip-weak", action="store_true", help="reuse WORK/weak/sft, build only the discriminator's model")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/adversarial.json"))
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
@@ -122,13 +129,14 @@ def main() -> None:
     t0 = time.perf_counter()
     if not args.skip_base:
         # the discriminator starts from the longer-trained model, the generator is the weaker one
-        build_base(work / "strong", args.pretrain_steps, args.sft_steps)
-        build_base(work / "weak", args.weak_pretrain_steps, args.weak_sft_steps)
+        build_base(work / args.strong_dir, args.pretrain_steps, args.sft_steps, args.disc_layers, args.disc_embd)
+        if not args.skip_weak:
+            build_base(work / args.weak_dir, args.weak_pretrain_steps, args.weak_sft_steps)
     base_s = time.perf_counter() - t0
     if args.base_only:
         print(f"chat models: {work / 'strong/sft'}, {work / 'weak/sft'} ({base_s:.0f} s)")
         return
-    run_adversarial_benchmark(work, base_s, args.overrides, Path(args.out))
+    run_adversarial_benchmark(work, base_s, args.overrides, Path(args.out), args.recipe, args.strong_dir, args.weak_dir)
 
 
 if __name__ == "__main__":
