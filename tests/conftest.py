@@ -74,13 +74,20 @@ def read_metrics(run_dir: Path, kind: str = "train") -> list[dict]:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An untrained weights-only checkpoint (model + config + tokenizer) over ``tiny_data``'s vocabulary."""
+    return save_tiny_gpt(tiny_data, tmp_path_factory.mktemp("ckpt") / "model", context_length=16)
+
+
+def save_tiny_gpt(tiny_data: Path, out: Path, *, context_length: int, n_layer: int = 2) -> Path:
+    """A random GPT-2-family checkpoint (2 heads, 32 wide, init_std 0.2, seed 0) over ``tiny_data``'s
+    char vocabulary (which holds the ChatML tokens)."""
     from lmforge.model.gpt import GPT, GPTConfig
     from lmforge.train.checkpoint import save_checkpoint
 
     vocab = json.loads((tiny_data / "meta.json").read_text())["vocab_size"]
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=vocab, context_length=16, n_layer=2, n_head=2, n_embd=32, init_std=0.2))
-    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "model", model, tiny_data / "tokenizer.json")
+    model = GPT(GPTConfig(vocab_size=vocab, context_length=context_length, n_layer=n_layer, n_head=2, n_embd=32,
+                          init_std=0.2))
+    return save_checkpoint(out, model, tiny_data / "tokenizer.json")
 
 
 def save_tiny_llama(tiny_data: Path, out: Path, *, context_length: int, init_std: float) -> Path:

@@ -22,6 +22,8 @@ pytest.importorskip("prometheus_client")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
+from conftest import save_tiny_gpt  # noqa: E402
+
 from lmforge.infer.engine import load_engine  # noqa: E402
 from lmforge.serve.app import ServeConfig, ServedModel, create_app  # noqa: E402
 from lmforge.serve.auth import ApiKeys  # noqa: E402
@@ -35,13 +37,7 @@ HEADERS = {"Authorization": f"Bearer {KEY}"}
 @pytest.fixture(scope="session")
 def chat_ckpt(tiny_data: Path, tmp_path_factory) -> Path:
     """A random 2-layer char GPT (tiny_data's vocabulary, which has the ChatML tokens), context 1024."""
-    from lmforge.model.gpt import GPT, GPTConfig
-    from lmforge.train.checkpoint import save_checkpoint
-
-    vocab = json.loads((tiny_data / "meta.json").read_text())["vocab_size"]
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=vocab, context_length=1024, n_layer=2, n_head=2, n_embd=32, init_std=0.2))
-    return save_checkpoint(tmp_path_factory.mktemp("serve") / "model", model, tiny_data / "tokenizer.json")
+    return save_tiny_gpt(tiny_data, tmp_path_factory.mktemp("serve") / "model", context_length=1024)
 
 
 def make_models(ckpt: Path, name: str = "tiny", batch: int = 8, template: ChatTemplate | None = None):

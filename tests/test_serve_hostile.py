@@ -3,17 +3,17 @@ error (never a 500, never a traceback), and the server stays healthy afterwards.
 
 from __future__ import annotations
 
-import json
 import socket
 import time
 from pathlib import Path
 
 import pytest
-import torch
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
+
+from conftest import save_tiny_gpt  # noqa: E402
 
 from lmforge.infer.engine import load_engine  # noqa: E402
 from lmforge.serve.app import ServeConfig, ServedModel, create_app  # noqa: E402
@@ -28,13 +28,7 @@ MSG = [{"role": "user", "content": "hello"}]
 
 @pytest.fixture(scope="module")
 def ckpt(tiny_data: Path, tmp_path_factory) -> Path:
-    from lmforge.model.gpt import GPT, GPTConfig
-    from lmforge.train.checkpoint import save_checkpoint
-
-    vocab = json.loads((tiny_data / "meta.json").read_text())["vocab_size"]
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=vocab, context_length=256, n_layer=2, n_head=2, n_embd=32, init_std=0.2))
-    return save_checkpoint(tmp_path_factory.mktemp("hostile") / "model", model, tiny_data / "tokenizer.json")
+    return save_tiny_gpt(tiny_data, tmp_path_factory.mktemp("hostile") / "model", context_length=256)
 
 
 def start(ckpt: Path, **cfg) -> BackgroundServer:

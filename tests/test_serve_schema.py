@@ -7,12 +7,13 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 schemathesis = pytest.importorskip("schemathesis")
 hypothesis = pytest.importorskip("hypothesis")
+
+from conftest import save_tiny_gpt  # noqa: E402
 
 KEY = "sk-schema-0123456789"
 
@@ -20,17 +21,12 @@ KEY = "sk-schema-0123456789"
 @pytest.fixture(scope="module")
 def srv(tiny_data: Path, tmp_path_factory):
     from lmforge.infer.engine import load_engine
-    from lmforge.model.gpt import GPT, GPTConfig
     from lmforge.serve.app import ServeConfig, ServedModel, create_app
     from lmforge.serve.auth import ApiKeys
     from lmforge.serve.server import BackgroundServer
     from lmforge.tokenizer.chat import ChatTemplate
-    from lmforge.train.checkpoint import save_checkpoint
 
-    vocab = json.loads((tiny_data / "meta.json").read_text())["vocab_size"]
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=vocab, context_length=128, n_layer=1, n_head=2, n_embd=32, init_std=0.2))
-    ckpt = save_checkpoint(tmp_path_factory.mktemp("schema") / "model", model, tiny_data / "tokenizer.json")
+    ckpt = save_tiny_gpt(tiny_data, tmp_path_factory.mktemp("schema") / "model", context_length=128, n_layer=1)
     engine = load_engine(str(ckpt), max_batch_size=4)
     config = ServeConfig(api_keys=ApiKeys([KEY]), max_n=2, max_tokens_cap=16, max_messages=16, max_prompts=4,
                          request_timeout=20)
