@@ -312,3 +312,38 @@ def test_multiple_choice_options_of_very_different_lengths(llama) -> None:
     cached = prompt_scores(model, tok, prompts, conts, batch_size=2)
     plain = prompt_scores(model, tok, prompts, conts, use_cache=False)
     np.testing.assert_allclose(cached, plain, rtol=1e-4, atol=1e-4)
+
+
+def test_assistant_loss_equals_a_hand_computation(llama) -> None:
+    """Chat eval's loss: the mean next-token loss over assistant tokens only (the SFT tokenization)."""
+    from lmforge.eval.chat import assistant_loss
+    from lmforge.tokenizer.chat import CHATML, ChatTemplate
+    from lmforge.train.objectives.sft import tokenize_example
+
+    model, tok, _ = llama
+    template = ChatTemplate(CHATML, {})
+    convs = [{"messages": [{"role": "user", "content": "speak"}, {"role": "assistant", "content": "hear me"}]},
+             {"messages": [{"role": "user", "content": "die?"}, {"role": "assistant", "content": "famish, rather"},
+                           {"role": "user", "content": "All:"}, {"role": "assistant", "content": "Speak, speak."}]}]
+    nll, n = 0.0, 0
+    for conv in convs:
+        ids, labels = tokenize_example(conv, tok, template, assistant_only=True)
+        with torch.no_grad():
+            logp = F.log_softmax(model(torch.tensor([ids[:-1]]))[0].double(), -1)
+        for p in range(len(ids) - 1):
+            if labels[p + 1] != -100:
+                nll -= float(logp[p, labels[p + 1]])
+                n += 1
+    got = assistant_loss(model, tok, template, convs, batch_size=2, progress=False)
+    assert got["assistant_tokens"] == n and got["conversations"] == 2
+    assert got["loss"] == pytest.approx(nll / n, rel=1e-5)
+
+
+def test_chat_option_picks_the_template(llama) -> None:
+    from lmforge.eval.run import EvalOptions, load_for_eval
+
+    _, tok, ckpt = llama
+    assert "<|im_start|>" in tok.special_tokens  # ChatML's tokens: auto takes the template
+    assert load_for_eval(str(ckpt), EvalOptions(chat="auto")).chat_template is not None
+    assert load_for_eval(str(ckpt), EvalOptions(chat="on")).chat_template is not None
+    assert load_for_eval(str(ckpt), EvalOptions()).chat_template is None  # off by default, as lm-eval

@@ -21,7 +21,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..errors import DataError
@@ -57,20 +56,14 @@ def assistant_loss(
         for s in tqdm(range(0, len(order), batch_size), desc="assistant loss", disable=not progress, leave=False):
             batch = [items[i] for i in order[s : s + batch_size]]
             T = max(len(ids) for ids, _ in batch) - 1
-            idx = torch.zeros(len(batch), T, dtype=torch.long)
-            rows, cols, targets = [], [], []
+            x = torch.zeros(len(batch), T, dtype=torch.long)
+            y = torch.full((len(batch), T), -100, dtype=torch.long)  # as the SFT objective's batches
             for r, (ids, labels) in enumerate(batch):
-                idx[r, : len(ids) - 1] = torch.tensor(ids[:-1])
-                for p in range(len(ids) - 1):
-                    if labels[p + 1] != -100:
-                        rows.append(r)
-                        cols.append(p)
-                        targets.append(labels[p + 1])
-            h = model.hidden_states(idx.to(device))
-            logits = model.logits(h[torch.tensor(rows), torch.tensor(cols)])
-            tgt = torch.tensor(targets, device=logits.device)
-            nll += float(F.cross_entropy(logits.float(), tgt, reduction="sum"))
-            count += len(targets)
+                x[r, : len(ids) - 1] = torch.tensor(ids[:-1])
+                y[r, : len(ids) - 1] = torch.tensor(labels[1:])
+            n = int((y != -100).sum())
+            nll += float(model.loss_from_hidden(model.hidden_states(x.to(device)), y.to(device))) * n
+            count += n
     finally:
         model.train(was_training)
     loss = nll / count

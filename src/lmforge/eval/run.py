@@ -77,12 +77,9 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "x"
 
 
-def _has_chat_template(ckpt: Path, tokenizer: Any) -> bool:
-    """Whether a checkpoint declares a chat template (or its vocabulary has ChatML's tokens)."""
-    try:
-        config = json.loads((ckpt / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        config = {}
+def _has_chat_template(ckpt: Path, config: dict[str, Any], tokenizer: Any) -> bool:
+    """Whether a checkpoint (``config``: its config.json) declares a chat template, or its
+    vocabulary has ChatML's tokens."""
     if isinstance((config.get("tokenizer") or {}).get("chat_template"), str):
         return True
     if any((ckpt / f).is_file() for f in ("chat_template.jinja", "chat_template.json")):
@@ -121,12 +118,13 @@ def load_for_eval(checkpoint: str, opts: EvalOptions) -> LoadedModel:
     model, path = load_model(checkpoint)
     model.eval()
     tokenizer = Tokenizer.from_file(path / "tokenizer.json")
-    use_chat = opts.chat == "on" or (opts.chat == "auto" and _has_chat_template(path, tokenizer))
+    config = read_config(path)
+    use_chat = opts.chat == "on" or (opts.chat == "auto" and _has_chat_template(path, config, tokenizer))
     template = ChatTemplate.from_checkpoint(path) if use_chat else None
     name = path.name
     if name.startswith("step_") and path.parent.name == "checkpoints":  # a run's checkpoint: the run's name
         name = path.parent.parent.name
-    return LoadedModel(name, path, model, tokenizer, template, read_config(path))
+    return LoadedModel(name, path, model, tokenizer, template, config)
 
 
 # ----------------------------------------------------------------------------- task kinds
@@ -168,9 +166,9 @@ def classify_with_head(model: torch.nn.Module, tokenizer: Any, texts: list[str],
     """The head's predicted label index for every text (the text in the training template,
     cut to the model's context from the left, as the classification objective does)."""
     from ..train.objectives.batching import pad_batch
+    from ..train.objectives.classify import encode_texts
 
-    context = int(model.config.context_length)
-    encoded = [ids[-context:] or [tokenizer.eot_id] for ids in tokenizer.encode_batch([template.replace("{text}", t) for t in texts])]
+    encoded, _ = encode_texts(tokenizer, texts, template, int(model.config.context_length))
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eot_id
     device = next(model.parameters()).device
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))

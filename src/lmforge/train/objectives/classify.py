@@ -34,6 +34,19 @@ class ClassifyConfig:
             raise ValueError(f"classify.max_length must be positive, got {self.max_length}")
 
 
+def encode_texts(tokenizer, texts: list[str], template: str, max_len: int) -> tuple[list[list[int]], int]:
+    """Token rows of ``texts`` put in ``template`` as the classification head sees them: a row
+    longer than ``max_len`` keeps its end (the last token is the one classified), an empty one
+    is the end-of-text token. Returns the rows and how many were cut."""
+    rows, truncated = [], 0
+    for ids in tokenizer.encode_batch([template.replace("{text}", t) for t in texts]):
+        if len(ids) > max_len:
+            ids = ids[-max_len:]
+            truncated += 1
+        rows.append(ids or [tokenizer.eot_id])
+    return rows, truncated
+
+
 class ClassifyObjective(Objective):
     name = "classify"
 
@@ -54,16 +67,9 @@ class ClassifyObjective(Objective):
             self.class_weight = torch.tensor(w, dtype=torch.float32)
 
     def _encode(self, examples: list[dict]) -> list[tuple[list[int], int]]:
-        out = []
-        texts = [self.cfg.template.replace("{text}", ex["text"]) for ex in examples]
-        for ex, ids in zip(examples, self.tokenizer.encode_batch(texts)):
-            if len(ids) > self.max_len:  # keep the end: the last token is the one classified
-                ids = ids[-self.max_len :]
-                self.truncated += 1
-            if not ids:
-                ids = [self.tokenizer.eot_id]
-            out.append((ids, self.index[ex["label"]]))
-        return out
+        rows, truncated = encode_texts(self.tokenizer, [ex["text"] for ex in examples], self.cfg.template, self.max_len)
+        self.truncated += truncated
+        return [(ids, self.index[ex["label"]]) for ex, ids in zip(examples, rows)]
 
     def setup(self, ctx) -> None:
         super().setup(ctx)
