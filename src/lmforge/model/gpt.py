@@ -367,15 +367,16 @@ class GPT(nn.Module):
         idx: torch.Tensor | None,
         cache: CacheView,
         input_lengths: list[int] | None = None,
-        logits: Literal["last", "all"] = "last",
+        logits: Literal["last", "all", "none"] = "last",
         embeds: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | None:
         """Inference forward through a KV cache: ``idx`` (B, T) continues each cache row.
 
         Rows may hold different lengths (each token gets its own row's position), and
         ``input_lengths`` marks how many of a row's T tokens are real when prompts of
         different lengths are right-padded into one batch. Returns the logits of each row's
-        last real token (B, vocab), or of every position (B, T, vocab) with ``logits="all"``.
+        last real token (B, vocab), or of every position (B, T, vocab) with ``logits="all"``,
+        or None with ``logits="none"`` (a prompt chunk that only fills the cache).
         ``embeds`` (B, T, n_embd) replaces the token embeddings (soft prompts).
         """
         x = self.embed_tokens(idx) if embeds is None else embeds
@@ -390,6 +391,8 @@ class GPT(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, rope, cache.layer(i))
         cache.commit()
+        if logits == "none":
+            return None
         if logits == "last":
             if input_lengths is None:
                 x = x[:, -1]
