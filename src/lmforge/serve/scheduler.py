@@ -17,7 +17,7 @@ decode steps (a step is bounded by the engine's chunked prefill), so the computa
 with the deadline whether or not the handler is still there.
 
 Readiness (``GET /ready``): the loop stamps :attr:`Scheduler.heartbeat` every time round
-(at least every 0.5 s when idle); a loop that has not come round for ``stall_timeout``
+(at least every 0.5 s, and four times per ``stall_timeout``, when idle); a loop that has not come round for ``stall_timeout``
 seconds is stalled, and a model that produced NaN or infinite logits is marked faulty
 (its requests fail with 503) until the server restarts.
 
@@ -152,7 +152,7 @@ class Scheduler:
             return False, "the server is shutting down"
         stalled = time.monotonic() - self.heartbeat
         if stalled > self.stall_timeout:
-            return False, f"the engine loop has not come round for {stalled:.0f} s"
+            return False, f"the engine loop has not come round for {stalled:.1f} s"
         if self.faults:
             name, why = next(iter(self.faults.items()))
             return False, f"model {name}: {why}"
@@ -358,8 +358,8 @@ class Scheduler:
                 self._handle_commands()
                 self._expire()
                 busy = [(name, e) for name, e in self.engines.items() if e.has_unfinished()]
-                if not busy:
-                    self._wake.wait(0.5)
+                if not busy:  # idle: wake often enough that the heartbeat shows a live loop
+                    self._wake.wait(min(0.5, self.stall_timeout / 4))
                     self._wake.clear()
                     continue
                 for name, engine in busy:

@@ -80,7 +80,7 @@ class TemplateRenderer:
         self.timeout = timeout
         self.memory_mb = memory_mb
         self.max_chars = max_chars
-        self._slots: queue.Queue[_Worker | None] = queue.Queue()
+        self._slots: queue.LifoQueue[_Worker | None] = queue.LifoQueue()  # a warm worker first
         for _ in range(workers):
             self._slots.put(None)
         self._all: set[_Worker] = set()
