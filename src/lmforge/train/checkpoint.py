@@ -24,6 +24,7 @@ the run directory and picks its newest one.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from collections.abc import Iterator
@@ -240,6 +241,42 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
         return []
     found = [(int(m.group(1)), p) for p in ckdir.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
     return [p for _, p in sorted(found)]
+
+
+def recover_checkpoints(run_dir: str | Path) -> list[str]:
+    """Undo what a kill during a save left in ``run_dir/checkpoints`` (see fileio.staged_dir):
+    a ``.tmp-step_N-PID`` folder is an unfinished save (removed); a ``.old-step_N-PID`` folder
+    is a replaced checkpoint, put back if its replacement never arrived, else removed; a
+    ``.step_N.optimizer-shards`` folder is an unfinished FSDP save (removed). Folders of a
+    process that is still alive are left alone. Returns what was done, one line each."""
+    ckdir = Path(run_dir) / "checkpoints"
+    if not ckdir.is_dir():
+        return []
+    done = []
+    for p in sorted(ckdir.iterdir()):
+        m = re.match(r"^\.(tmp|old)-(.+)-(\d+)$", p.name)
+        shards = re.match(r"^\.(step_\d+)\.optimizer-shards$", p.name)
+        if m and _alive(int(m.group(3))):
+            continue
+        if m and m.group(1) == "old" and not (ckdir / m.group(2)).exists():
+            os.replace(p, ckdir / m.group(2))
+            done.append(f"restored {m.group(2)} (its replacement was never completed)")
+        elif m or shards:
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            done.append(f"removed {p.name} (left by an interrupted save)")
+    return done
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # our own leftovers from an earlier save that failed
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def check_fresh_run(out_dir: str | Path, resume: bool, overwrite: bool) -> None:
