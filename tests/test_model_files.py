@@ -147,3 +147,25 @@ def test_gguf_with_non_finite_weights(llama_ckpt: Path, tmp_path: Path, monkeypa
     monkeypatch.undo()
     with pytest.raises(LmforgeError, match="NaN or infinite"):
         import_gguf(path, tmp_path / "out")
+
+
+def test_chat_cli_template_errors_are_one_line(base: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    """`lmforge chat` over a model whose template fails (non-Jinja errors included) prints one
+    error line per message and goes on; a template that does not compile is one error line."""
+    import io
+
+    for source, message in (("{{ 1 / 0 }}", "ZeroDivisionError"), ("{{ 10**10000000 }}", "larger than"),
+                            ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "recursed too deeply")):
+        ckpt = variant(base, tmp_path, f"t{len(message)}",
+                       edit_config=lambda cfg, s=source: cfg.setdefault("tokenizer", {}).__setitem__("chat_template", s))
+        monkeypatch.setattr("sys.stdin", io.StringIO("hello\nagain\n"))
+        assert main(["chat", str(ckpt), "--max-tokens", "2"]) == 0
+        out = capsys.readouterr()
+        assert out.out.count("error: the chat template") == 2 and message in out.out, out
+        assert "Traceback" not in out.out + out.err
+    ckpt = variant(base, tmp_path, "broken",
+                   edit_config=lambda cfg: cfg.setdefault("tokenizer", {}).__setitem__("chat_template", "{% for %}"))
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n"))
+    assert main(["chat", str(ckpt)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the chat template does not compile") and err.count("\n") == 1
