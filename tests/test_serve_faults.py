@@ -19,6 +19,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
+from conftest import openai_error as error_of  # noqa: E402
 from conftest import save_tiny_gpt  # noqa: E402
 
 from lmforge.cli import main  # noqa: E402
@@ -52,14 +53,6 @@ def srv(ckpt):
     s = start(ckpt, header_timeout=1.0, body_timeout=1.0)
     yield s
     s.stop()
-
-
-def error_of(r: httpx.Response, status: int) -> dict:
-    assert r.status_code == status, (r.status_code, r.text[:300])
-    assert r.headers["content-type"].startswith("application/json")
-    err = r.json()["error"]
-    assert isinstance(err["message"], str) and err["message"] and "Traceback" not in err["message"]
-    return err
 
 
 def raw_error(reply: bytes, status: int) -> dict:

@@ -13,6 +13,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
+from conftest import openai_error as error_of  # noqa: E402
 from conftest import save_tiny_gpt  # noqa: E402
 
 from lmforge.infer.engine import load_engine  # noqa: E402
@@ -43,15 +44,6 @@ def srv(ckpt):
     s = start(ckpt, max_body_bytes=1 << 20, max_header_bytes=8 << 10, max_n=4, max_tokens_cap=128, max_messages=64)
     yield s
     s.stop()
-
-
-def error_of(r: httpx.Response, status: int) -> dict:
-    assert r.status_code == status, (r.status_code, r.text)
-    assert r.headers["content-type"].startswith("application/json")
-    err = r.json()["error"]
-    assert isinstance(err["message"], str) and err["message"] and "Traceback" not in err["message"]
-    assert isinstance(err["type"], str)
-    return err
 
 
 def chat(srv, body, headers=AUTH, **kw):
