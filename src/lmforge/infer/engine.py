@@ -331,23 +331,25 @@ class InferenceEngine:
         return max(1, min(len(seq.prompt_ids) - seq.prefilled, self.max_step_tokens, max(16, attn)))
 
     def _prefill_chunks(self, budget: int) -> list[StreamDelta]:
-        """Prompt chunks of the prefilling sequences, oldest first, until ``budget`` tokens are
-        spent (at least one chunk a step, so prompts progress under a full decode batch)."""
+        """Prompt chunks of the prefilling sequences, oldest first, while the step has budget
+        left: ``budget`` tokens and ``max_step_attention`` query x key pairs (at least one chunk
+        a step, so prompts progress under a full decode batch)."""
         deltas: list[StreamDelta] = []
-        spent = 0
+        spent = pairs = 0
         for seq in list(self.prefilling):
-            while seq.prefilled < len(seq.prompt_ids) and (spent == 0 or spent < budget):
+            while seq.prefilled < len(seq.prompt_ids):
+                n = self._chunk_len(seq)
+                cost = n * (self.virtual_tokens + seq.prefilled + n)
+                if spent and (spent + n > budget or pairs + cost > self.max_step_attention):
+                    return deltas
                 if seq.deadline < time.perf_counter():
                     self._drop_prefill(seq, "timeout")
                     deltas.append(StreamDelta(seq.id, "", [], [] if seq.logprobs is not None else None, "timeout"))
                     break
-                n = self._chunk_len(seq)
                 logits = self._prefill_chunk(seq, n)
-                spent += n
+                spent, pairs = spent + n, pairs + cost
                 if seq.prefilled == len(seq.prompt_ids):
                     deltas.append(self._start_decoding(seq, logits))
-            if spent >= budget:
-                break
         return deltas
 
     def _prefill_chunk(self, seq: _Sequence, n: int) -> torch.Tensor | None:
