@@ -14,7 +14,8 @@ restarted run must give:
 Kill points are exact, not timed: the killed run is this script in ``child`` mode, which
 patches the function at the point (after ``model.safetensors`` of the Nth save is written,
 before the staged folder is renamed, in the middle of a ``metrics.jsonl`` line, at the start
-of step N...) to send itself SIGKILL there; two more points kill after a seeded random delay.
+of step N...) to send itself SIGKILL there; two more points kill at a seeded random time within
+the training loop (measured from when ``metrics.jsonl`` appears).
 
     python benchmarks/kill_resume.py                  # the 16 points, ~3 min on a 2-core CPU
     python benchmarks/kill_resume.py --points save-optimizer@1,log-torn@7   # a subset
@@ -166,14 +167,21 @@ def pretrain(data: Path, out: Path, *extra: str, kill: str | None = None, delay:
     else:
         cmd = [sys.executable, "-m", "lmforge.cli", *args]
     if delay is None:
-        return subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
-    try:
-        out_, err = proc.communicate(timeout=delay)
-    except subprocess.TimeoutExpired:
+        t0 = time.perf_counter()
+        done = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600)
+        done.seconds = time.perf_counter() - t0
+        return done
+    # a timed kill: `delay` seconds after training began (metrics.jsonl appeared)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
+    while not (out / "metrics.jsonl").exists() and proc.poll() is None:
+        time.sleep(0.001)
+    time.sleep(delay)
+    if proc.poll() is None:
         proc.send_signal(signal.SIGKILL)
-        out_, err = proc.communicate()
-    return subprocess.CompletedProcess(cmd, proc.returncode, out_, err)
+    proc.wait()
+    done = subprocess.CompletedProcess(cmd, proc.returncode, "", "")
+    done.kill_delay = delay
+    return done
 
 
 def final_tensors(out: Path) -> dict:
@@ -195,6 +203,7 @@ def check_run(out: Path, reference: dict) -> dict:
     train = [r["step"] for r in rows if r["kind"] == "train"]
     evals = [r["step"] for r in rows if r["kind"] == "eval"]
     got = final_tensors(out)
+    reference = {k: v for k, v in reference.items() if k != "train_window_s"}
     identical = set(got) == set(reference) and all(torch.equal(got[k], reference[k]) for k in reference)
     return {
         "bit_identical": identical,
@@ -211,7 +220,7 @@ def kill_and_resume(data: Path, root: Path, point: str, reference: dict, seed: i
     t0 = time.perf_counter()
     if name == "random":
         rng = random.Random(seed * 1000 + int(at))
-        first = pretrain(data, out, delay=rng.uniform(3.0, 7.0))
+        first = pretrain(data, out, delay=rng.uniform(0.0, reference["train_window_s"]))
     else:
         first = pretrain(data, out, kill=point)
     killed = first.returncode == -signal.SIGKILL
@@ -220,7 +229,8 @@ def kill_and_resume(data: Path, root: Path, point: str, reference: dict, seed: i
     second = pretrain(data, out, resume=resumable)
     if second.returncode != 0:
         return {"point": point, "killed": killed, "ok": False, "error": second.stderr.strip().splitlines()[-1:]}
-    result = {"point": point, "killed": killed, "resumed": resumable, "leftovers_before_restart": before,
+    kill_at = f"{first.kill_delay:.3f} s into training" if hasattr(first, "kill_delay") else "exact"
+    result = {"point": point, "killed": killed, "kill_at": kill_at, "resumed": resumable, "leftovers_before_restart": before,
               **check_run(out, reference), "seconds": round(time.perf_counter() - t0, 1)}
     result["ok"] = result["bit_identical"] and result["train_steps_once"] and result["evals_once"] \
         and not result["leftovers"]
@@ -241,18 +251,30 @@ def prepare_data(root: Path) -> Path:
     return root / "data"
 
 
+def train_window(data: Path, out: Path) -> float:
+    """Seconds from the first metrics.jsonl row to the end of a run (where timed kills land)."""
+    proc = subprocess.Popen([sys.executable, "-m", "lmforge.cli", "pretrain", f"data={data}", f"out_dir={out}", *RUN],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
+    while not (out / "metrics.jsonl").exists() and proc.poll() is None:
+        time.sleep(0.001)
+    t0 = time.perf_counter()
+    proc.wait()
+    return time.perf_counter() - t0
+
+
 def run(points: list[str], data: Path, root: Path, log=print) -> dict:
     ref = pretrain(data, root / "reference")
     if ref.returncode != 0:
         raise SystemExit(f"the reference run failed: {ref.stderr}")
     reference = final_tensors(root / "reference")
+    window = train_window(data, root / "window") if any(p.startswith("random") for p in points) else 0.0
     results = []
     for p in points:
-        r = kill_and_resume(data, root, p, reference)
+        r = kill_and_resume(data, root, p, {**reference, "train_window_s": window})
         log(json.dumps(r))
         results.append(r)
     return {"points": len(results), "held": sum(r["ok"] for r in results), "killed": sum(r["killed"] for r in results),
-            "results": results}
+            "train_window_s": round(window, 3), "results": results}
 
 
 def main() -> None:
