@@ -175,3 +175,13 @@ def restore_torch_globals():
     before = torch.are_deterministic_algorithms_enabled()
     yield
     torch.use_deterministic_algorithms(before)
+
+
+def openai_error(r, status: int) -> dict:
+    """The ``error`` object of an OpenAI-shaped JSON error response with this status."""
+    assert r.status_code == status, (r.status_code, r.text[:300])
+    assert r.headers["content-type"].startswith("application/json")
+    err = r.json()["error"]
+    assert isinstance(err["message"], str) and err["message"] and "Traceback" not in err["message"]
+    assert isinstance(err["type"], str)
+    return err

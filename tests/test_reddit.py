@@ -254,8 +254,8 @@ def test_bad_inputs_are_one_clear_error(tmp_path):
     with pytest.raises(DataError, match="zstandard"):
         run_reddit(RedditConfig(inputs=[str(corrupt)], out=str(tmp_path / "o"), num_proc=1), verbose=False)
     full = write_ndjson(tmp_path / "RC_2020-02.zst", TREE * 50, zst=True).read_bytes()
-    (tmp_path / "RC_2020-02.zst").write_bytes(full[: len(full) // 2])  # truncated
-    with pytest.raises(DataError):
+    (tmp_path / "RC_2020-02.zst").write_bytes(full[:20])  # truncated before a single whole line
+    with pytest.raises(DataError, match="no records|no conversations"):
         run_reddit(RedditConfig(inputs=[str(tmp_path / "RC_2020-02.zst")], out=str(tmp_path / "o"), num_proc=1),
                    verbose=False)
     for bad, match in [({"min_chars": 10, "max_chars": 5}, "larger than"), ({"val_fraction": 1.0}, r"\[0, 1\)"),

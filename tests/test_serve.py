@@ -70,7 +70,7 @@ def post(server, path: str, body, headers=HEADERS, **kw):
 
 
 def metric(server, name: str, labels: str = "") -> float:
-    text = httpx.get(server.url + "/metrics", timeout=10).text
+    text = httpx.get(server.url + "/metrics", headers=HEADERS, timeout=10).text
     total = 0.0
     found = False
     for line in text.splitlines():
@@ -349,7 +349,8 @@ def test_request_ids_and_metrics(server):
     assert r.headers["x-request-id"] == "abc-123" and r.json()["id"] == "chatcmpl-abc-123"
     other = post(server, "/v1/models", None, headers={**HEADERS, "X-Request-Id": "bad id with spaces!"})
     assert re.fullmatch(r"[0-9a-f]{32}", other.headers["x-request-id"])
-    text = httpx.get(server.url + "/metrics").text
+    assert httpx.get(server.url + "/metrics").status_code == 401  # keys are set: metrics need one too
+    text = httpx.get(server.url + "/metrics", headers=HEADERS).text
     for name in ("lmforge_requests_running", "lmforge_requests_waiting", "lmforge_prompt_tokens_total",
                  "lmforge_generation_tokens_total", "lmforge_time_to_first_token_seconds_bucket",
                  "lmforge_inter_token_latency_seconds_bucket", "lmforge_e2e_request_latency_seconds_bucket",

@@ -13,6 +13,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
+from conftest import openai_error as error_of  # noqa: E402
 from conftest import save_tiny_gpt  # noqa: E402
 
 from lmforge.infer.engine import load_engine  # noqa: E402
@@ -45,15 +46,6 @@ def srv(ckpt):
     s.stop()
 
 
-def error_of(r: httpx.Response, status: int) -> dict:
-    assert r.status_code == status, (r.status_code, r.text)
-    assert r.headers["content-type"].startswith("application/json")
-    err = r.json()["error"]
-    assert isinstance(err["message"], str) and err["message"] and "Traceback" not in err["message"]
-    assert isinstance(err["type"], str)
-    return err
-
-
 def chat(srv, body, headers=AUTH, **kw):
     return httpx.post(srv.url + "/v1/chat/completions", json=body, headers=headers, timeout=30, **kw)
 
@@ -69,7 +61,8 @@ def test_api_keys(srv):
     # unauthenticated garbage is refused before its body is even read
     assert error_of(httpx.post(srv.url + "/v1/completions", content=b"{not json"), 401)
     assert httpx.get(srv.url + "/health").status_code == 200  # public
-    assert httpx.get(srv.url + "/metrics").status_code == 200
+    assert error_of(httpx.get(srv.url + "/metrics"), 401)  # behind the key unless --metrics-public
+    assert httpx.get(srv.url + "/metrics", headers=AUTH).status_code == 200
     assert chat(srv, {"messages": MSG, "max_tokens": 2}).status_code == 200
 
 
@@ -202,12 +195,12 @@ def test_still_healthy_after_all_that(srv):
     assert httpx.get(srv.url + "/health").json()["status"] == "ok"
     r = chat(srv, {"messages": MSG, "max_tokens": 3})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
-    text = httpx.get(srv.url + "/metrics").text
+    text = httpx.get(srv.url + "/metrics", headers=AUTH).text
     assert 'status="500"' not in text
     deadline = time.monotonic() + 5
     while 'lmforge_requests_running{model="tiny"} 0.0' not in text and time.monotonic() < deadline:
         time.sleep(0.05)
-        text = httpx.get(srv.url + "/metrics").text
+        text = httpx.get(srv.url + "/metrics", headers=AUTH).text
     assert 'lmforge_requests_running{model="tiny"} 0.0' in text
 
 

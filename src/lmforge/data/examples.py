@@ -63,7 +63,7 @@ import orjson
 
 from ..errors import ConfigError, DataError
 from .records import ROLES
-from .sources import RejectsWriter, Stats, expand_spec, open_compressed, reading_errors
+from .sources import RejectsWriter, Stats, complete_lines, expand_spec, open_compressed, reading_errors
 
 Kind = Literal["chat", "classify", "preference", "choice", "generate"]
 KINDS: tuple[str, ...] = ("chat", "classify", "preference", "choice", "generate")
@@ -194,7 +194,9 @@ def _read_jsonl(path: Path, json_file: bool = False) -> Iterator[Item]:
         if json_file and head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
             yield from _read_json_array(path, f.read())
             return
-        for line_no, raw in enumerate(f, 1):
+        cut: list[bool] = []
+        line_no = 0
+        for line_no, raw in enumerate(complete_lines(f, path, lambda: cut.append(True)), 1):
             if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]
             try:
@@ -211,6 +213,8 @@ def _read_jsonl(path: Path, json_file: bool = False) -> Iterator[Item]:
                 yield line_no, _Reject("bad_json", f"not valid JSON ({str(e).split(':')[0]})"), line.rstrip("\n")
                 continue
             yield line_no, obj, line.rstrip("\n")
+        if cut:
+            yield line_no + 1, _Reject("truncated", "the file is truncated inside this record"), ""
 
 
 def _read_json_array(path: Path, data: bytes) -> Iterator[Item]:
@@ -218,6 +222,8 @@ def _read_json_array(path: Path, data: bytes) -> Iterator[Item]:
         items = json.loads(data.decode("utf-8-sig"))
     except (UnicodeDecodeError, ValueError) as e:
         raise DataError(f"{path} starts like a JSON array but does not parse: {e}") from None
+    except RecursionError:
+        raise DataError(f"{path} is nested too deeply to be a JSON array of records") from None
     for i, obj in enumerate(items, 1):
         yield i, obj, json.dumps(obj, ensure_ascii=False)
 

@@ -12,6 +12,9 @@ become ``{"text": ...}`` records. Every record read is kept or rejected with a r
 
 Extra reject reasons of this reader, beside those of :mod:`~lmforge.data.sources`:
 ``bad_messages`` (``messages`` is not a list of ``{"role": str, "content": str}`` objects).
+JSONL is parsed by orjson, which refuses lone surrogate escapes and nesting past 1024 levels
+(``malformed_json``). A truncated ``.zst``/``.gz`` input keeps its complete records (one
+``truncated`` reject, a warning); a stage fails only when nothing at all could be read.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from .sources import (
     _decode,
     _shown,
     _strip_bom,
+    complete_lines,
     detect_format,
     open_compressed,
     reading_errors,
@@ -148,8 +152,14 @@ class RecordReader:
 
     def _jsonl(self, path: Path) -> Iterator[tuple[str, int, dict[str, Any]] | None]:
         source = str(path)
+        line_no = 0
+
+        def cut() -> None:  # a truncated .zst/.gz: the record the cut fell in
+            self.stats.seen += 1
+            self.reject("truncated", source, line_no + 1, "")
+
         with reading_errors(path), open_compressed(path) as f:
-            for line_no, raw in enumerate(f, 1):
+            for line_no, raw in enumerate(complete_lines(f, path, cut), 1):
                 self.stats.seen += 1
                 line = _decode(_strip_bom(raw, line_no))
                 if line is None:
@@ -245,6 +255,10 @@ def run_record_stage(
                 if out.count % 1024 == 0:
                     bar.update(reader.stats.seen - bar.n)
             bar.update(reader.stats.seen - bar.n)
+        cut = reader.stats.rejected.get("truncated", 0)
+        if cut and reader.stats.seen == cut:
+            raise DataError(f"nothing could be read: {'every input is' if cut > 1 else 'the input is'} truncated "
+                            "before its first complete record")
         out.commit()
         if rejects is not None:
             rejects.close()

@@ -26,7 +26,9 @@ input lines of pass 1, then the rejected comments and candidates of pass 2 (as t
 
 Accounting (``seen == kept + sum(rejected)`` for each):
 
-- ``records`` (pass 1, every input line): ``malformed_json``, ``invalid_utf8``, ``empty``, ``not_object``,
+- ``records`` (pass 1, every input line): ``malformed_json`` (lone surrogates and nesting past
+  1024 levels too: orjson refuses both), ``invalid_utf8``, ``empty``, ``truncated`` (the line a
+  cut ``.zst``/``.gz`` dump ends in: the complete lines before it are kept), ``not_object``,
   ``missing_field``, ``deleted``, ``removed``, ``bot``, ``subreddit_denied``,
   ``subreddit_not_allowed``, ``low_score``, ``url_only``, ``non_text``, ``too_short``, ``too_long``;
 - ``comments`` (pass 2, kept comments): ``duplicate_id``, ``orphaned``, ``unreachable``;
@@ -57,7 +59,7 @@ from ..errors import ConfigError, DataError, LmforgeError
 from ..fileio import atomic_write_json
 from .conversations import Comment, ExtractOptions, Submission, extract_thread
 from .prepare import _mp_context, document_in_val
-from .sources import Stats, open_compressed, reading_errors, resolve_inputs
+from .sources import Stats, TruncatedInput, open_compressed, reading_errors, resolve_inputs, warn_truncated
 from .text import has_text, strip_markdown, unescape_html, url_only
 
 DUMP_SUFFIXES = (".zst", ".ndjson", ".jsonl", ".gz")  # found in directories (a .json file must be named)
@@ -146,24 +148,46 @@ def resolve_dumps(inputs: Sequence[str]) -> list[Path]:
     return list(dict.fromkeys(f.resolve() for f in files))
 
 
-def read_chunks(path: Path, chunk_bytes: int) -> Iterator[tuple[bytes, int, int]]:
-    """``(newline-aligned bytes, first line number, input bytes read so far)`` of a dump."""
+def _read_up_to(f, n: int) -> tuple[bytes, bool]:
+    """``(up to n bytes, whether the stream turned out truncated)``, one underlying read at a
+    time (``read1``), so that the bytes read before a truncation are never lost."""
+    parts, size = [], 0
+    while size < n:
+        try:
+            part = f.read1(n - size)
+        except (TruncatedInput, EOFError):
+            return b"".join(parts), True
+        if not part:
+            break
+        parts.append(part)
+        size += len(part)
+    return b"".join(parts), False
+
+
+def read_chunks(path: Path, chunk_bytes: int, truncated: list[Path] | None = None) -> Iterator[tuple[bytes, int, int]]:
+    """``(newline-aligned bytes, first line number, input bytes read so far)`` of a dump. A dump
+    cut inside its compressed data ends after its last complete line: ``path`` is appended to
+    ``truncated`` (the cut line is one "truncated" record) instead of failing the whole run."""
     line = 1
     rest = b""
     raw = open(path, "rb")  # noqa: SIM115 (closed by the with below)
     with raw, reading_errors(path), open_compressed(path, raw) as f:
         while True:
-            block = f.read(chunk_bytes)
-            if not block:
+            block, was_cut = _read_up_to(f, chunk_bytes)
+            if not block and not was_cut:
                 break
             block = rest + block
-            cut = block.rfind(b"\n") + 1
-            if cut == 0:
-                rest = block
-                continue
-            data, rest = block[:cut], block[cut:]
-            yield data, line, raw.tell()
-            line += data.count(b"\n")
+            end = block.rfind(b"\n") + 1
+            data, rest = block[:end], block[end:]
+            if data:
+                yield data, line, raw.tell()
+                line += data.count(b"\n")
+            if was_cut:
+                if truncated is None:
+                    raise TruncatedInput(f"{path} is truncated: its compressed data ends inside a frame")
+                warn_truncated(path)
+                truncated.append(path)
+                return  # rest is the line the cut fell in
     if rest:
         yield rest + b"\n", line, path.stat().st_size
 
@@ -476,6 +500,7 @@ def run_reddit(cfg: RedditConfig, verbose: bool = True) -> dict[str, Any]:
     spill = str(staging)
     records = Stats()
     kept = {"comments": 0, "submissions": 0}
+    truncated: list[Path] = []
     pool: Any = None
     try:
         pool = ProcessPoolExecutor(num_proc, mp_context=_mp_context()) if num_proc > 1 else _Inline()
@@ -488,7 +513,7 @@ def run_reddit(cfg: RedditConfig, verbose: bool = True) -> dict[str, Any]:
                 nonlocal done_before
                 for path in files:
                     last = 0
-                    for data, line, pos in read_chunks(path, cfg.chunk_mb << 20):
+                    for data, line, pos in read_chunks(path, cfg.chunk_mb << 20, truncated):
                         yield data, str(path), line, spill, n_parts, cfg
                         bar.update(max(0, pos - last))
                         last = max(last, pos)
@@ -499,6 +524,9 @@ def run_reddit(cfg: RedditConfig, verbose: bool = True) -> dict[str, Any]:
                 _add(records.rejected, res["rejected"])
                 kept["comments"] += res["comments"]
                 kept["submissions"] += res["submissions"]
+        if truncated:  # each cut file lost the line it was cut in
+            records.seen += len(truncated)
+            records.rejected["truncated"] = records.rejected.get("truncated", 0) + len(truncated)
         records.kept = kept["comments"] + kept["submissions"]
         timings = {"pass1_s": round(time.perf_counter() - start, 3)}
         if records.seen == 0:
@@ -542,6 +570,7 @@ def run_reddit(cfg: RedditConfig, verbose: bool = True) -> dict[str, Any]:
         "stage": "reddit",
         "out": str(out),
         "files": [str(f) for f in files],
+        "truncated_files": [str(f) for f in truncated],
         "records": {**records.as_dict(), **kept},
         "comments": comments.as_dict(),
         "conversations": conversations.as_dict(),

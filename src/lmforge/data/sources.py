@@ -9,10 +9,18 @@ Rejection reasons:
 
 - ``invalid_utf8``: a line (text or JSONL) that is not valid UTF-8. In text files the
   line is dropped and counted as one record of its own; the rest of its document is kept.
+- ``invalid_unicode``: a JSONL text holding a lone UTF-16 surrogate (the escape
+  ``"\ud800"``): valid JSON, but no UTF-8 text can hold it, and the tokenizer fails on it.
+  Rejected rather than replaced, like invalid UTF-8: nothing is repaired silently.
+- ``too_deep``: a JSONL line nested deeper than the parser's recursion limit (it crashed
+  ``data prepare`` with a RecursionError).
 - ``malformed_json``: a JSONL line that does not parse.
 - ``missing_text_field``: a JSON value that is not an object with a string text field,
   or a null Parquet value.
 - ``empty``: a document that is empty or whitespace only (in JSONL, a blank line too).
+- ``truncated``: the record a truncated ``.zst`` / ``.gz`` file was cut in (the file's
+  whole document with ``text_unit=file``). Every complete record before the cut is kept,
+  and a warning names the file: a dump cut at 60% used to give nothing at all.
 """
 
 from __future__ import annotations
@@ -22,6 +30,8 @@ import gzip
 import io
 import json
 import os
+import re
+import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -35,7 +45,7 @@ Format = Literal["auto", "text", "jsonl", "parquet"]
 FileFormat = Literal["text", "jsonl", "parquet"]
 TextUnit = Literal["file", "paragraph", "line"]
 
-REASONS = ("invalid_utf8", "malformed_json", "missing_text_field", "empty")
+REASONS = ("invalid_utf8", "invalid_unicode", "too_deep", "malformed_json", "missing_text_field", "empty", "truncated")
 
 _SUFFIX_FORMATS: dict[str, FileFormat] = {
     ".txt": "text",
@@ -174,6 +184,26 @@ def resolve_inputs(inputs: Sequence[str] | str, fmt: Format = "auto") -> list[Pa
 
 # ------------------------------------------------------------------------------- readers
 MAX_WINDOW = 2**31  # the Pushshift dumps are compressed with zstd --long=31
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+class TruncatedInput(DataError):
+    """A compressed file ends inside its last frame or member: what came before is complete."""
+
+
+def warn_truncated(path: Path) -> None:
+    print(f"warning: {path} is truncated (cut inside its compressed data): the complete records before the cut "
+          "are kept, the cut one is counted as 'truncated'", file=sys.stderr)
+
+
+def complete_lines(f: IO[bytes], path: Path, on_truncated) -> Iterator[bytes]:
+    """The lines of a binary stream; when a compressed file turns out truncated, iteration ends
+    after its last complete line and ``on_truncated()`` is called (once), instead of raising."""
+    try:
+        yield from f
+    except (TruncatedInput, EOFError):
+        warn_truncated(path)
+        on_truncated()
 
 
 class _ZstdStream(io.RawIOBase):
@@ -197,7 +227,7 @@ class _ZstdStream(io.RawIOBase):
             data = self._raw.read(1 << 18)
             if not data:
                 if self._in_frame:
-                    raise DataError(f"{self._path} is truncated: its last zstandard frame is incomplete")
+                    raise TruncatedInput(f"{self._path} is truncated: its last zstandard frame is incomplete")
                 return 0
             parts = []
             while data:
@@ -234,7 +264,9 @@ def reading_errors(path: Path) -> Iterator[None]:
     """Turn a corrupt, truncated or unreadable compressed file into one :class:`DataError`."""
     try:
         yield
-    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
+    except EOFError as e:  # gzip: "Compressed file ended before the end-of-stream marker was reached"
+        raise TruncatedInput(f"{path} is truncated: {e}") from None
+    except OSError as e:  # gzip.BadGzipFile is an OSError
         raise DataError(f"cannot read {path}: {e}") from None
     except Exception as e:  # zstandard.ZstdError
         if type(e).__module__.startswith("zstandard") or "zstd" in str(e).lower():
@@ -315,15 +347,21 @@ class DocumentStream:
     def _read_text(self, path: Path) -> Iterator[tuple[int, str]]:
         with reading_errors(path), open_compressed(path) as f:
             if self.text_unit == "file":
-                data = f.read()
+                try:
+                    data = f.read()
+                except (TruncatedInput, EOFError):  # the file is its one document: incomplete
+                    warn_truncated(path)
+                    self._reject(path, 1, "truncated", "")
+                    return
                 text = _decode(data)
                 if text is not None:  # fast path: the whole file is valid UTF-8
                     yield 1, text.removeprefix("\ufeff")
                     return
                 f = io.BytesIO(data)
             lines: list[str] = []  # the current document's lines
-            start = 1
-            for line_no, raw in enumerate(f, 1):
+            start = line_no = 1
+            cut = []
+            for line_no, raw in enumerate(complete_lines(f, path, lambda: cut.append(True)), 1):
                 line = _decode(_strip_bom(raw, line_no))
                 if line is None:
                     self._reject(path, line_no, "invalid_utf8", _shown(raw))
@@ -338,6 +376,9 @@ class DocumentStream:
                     if not lines:
                         start = line_no
                     lines.append(line)
+            if cut:  # the document the cut fell in is incomplete: one "truncated" record, not kept
+                self._reject(path, start if lines else line_no + 1, "truncated", "".join(lines))
+                return
             if self.text_unit == "file":
                 yield 1, "".join(lines)
             elif lines:
@@ -345,8 +386,9 @@ class DocumentStream:
 
     def _read_jsonl(self, path: Path) -> Iterator[tuple[int, str]]:
         json_array_suspect = ".json" in [s.lower() for s in path.suffixes[-2:]]
+        line_no = 0
         with reading_errors(path), open_compressed(path) as f:
-            for line_no, raw in enumerate(f, 1):
+            for line_no, raw in enumerate(complete_lines(f, path, lambda: self._reject(path, line_no + 1, "truncated", "")), 1):
                 line = _decode(_strip_bom(raw, line_no))
                 if line is None:
                     self._reject(path, line_no, "invalid_utf8", _shown(raw))
@@ -361,9 +403,15 @@ class DocumentStream:
                 except ValueError:
                     self._reject(path, line_no, "malformed_json", line)
                     continue
+                except RecursionError:
+                    self._reject(path, line_no, "too_deep", line)
+                    continue
                 text = obj.get(self.text_field) if isinstance(obj, dict) else None
                 if not isinstance(text, str):
                     self._reject(path, line_no, "missing_text_field", line)
+                    continue
+                if "\\u" in line and _SURROGATE.search(text):  # only an escape can make one
+                    self._reject(path, line_no, "invalid_unicode", line)
                     continue
                 yield line_no, text
 

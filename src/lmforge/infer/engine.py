@@ -5,12 +5,25 @@ Every consumer generates through :class:`InferenceEngine`: the chat REPL and
 own loop for continuous batching), evaluation and adversarial training.
 
 Model of operation (the one of vLLM, on a small scale): requests wait in a queue; each
-:meth:`step` admits waiting requests into free cache rows (one prefill forward each,
-which also samples their first token), then runs **one batched decode forward for every
-running sequence**, whatever their lengths, samples one token per row with the row's own
-settings and seeded generator, applies stops, and returns what each request gained as
-:class:`StreamDelta` objects. A finished sequence frees its row at once, so a waiting
+:meth:`step` runs **one batched decode forward for every decoding sequence**, whatever
+their lengths, samples one token per row with the row's own settings and seeded generator,
+applies stops, then spends the rest of the step's token budget (``max_step_tokens``) on
+**prompt chunks** of the sequences still prefilling (vLLM's chunked prefill), admitting
+waiting requests into free cache rows first. A prompt's last chunk also samples its first
+token, and the sequence decodes from the next step on. What each request gained comes back
+as :class:`StreamDelta` objects. A finished sequence frees its row at once, so a waiting
 request takes it on the next step.
+
+A step therefore does bounded work however long a prompt is: a 7,000-token prompt is
+prefilled over many steps while the other sequences keep getting a token each step
+(before, one such prompt was a single 142 s forward that froze every stream). Chunks are
+cut by the sequence's own position only (``max_step_tokens`` tokens, fewer as the prefix
+grows so that chunk x prefix stays under ``max_step_attention``), never by what else is in
+the batch, so a request's output does not depend on what it was batched with.
+
+A request may carry a ``deadline`` (a ``time.perf_counter()`` value): past it, it is
+stopped between two chunks or steps with ``finish_reason == "timeout"``. Logits that are not
+finite (a broken model) raise :class:`NonFiniteOutput` instead of being sampled.
 
 Context policy (``overflow``):
 
@@ -38,6 +51,7 @@ import torch
 from ..errors import ConfigError, LmforgeError
 from ..model.cache import KVCache
 from .detokenize import IncrementalDetokenizer, StopChecker
+from .memory import available_bytes, kv_cache_budget
 from .sampling import (
     SamplingParams,
     TokenLogprob,
@@ -49,6 +63,10 @@ from .sampling import (
 Overflow = Literal["error", "truncate", "slide"]
 
 
+class NonFiniteOutput(LmforgeError):
+    """The model produced NaN or infinite logits: it cannot be sampled from."""
+
+
 @dataclass
 class StreamDelta:
     """What one request gained in one engine step."""
@@ -57,7 +75,7 @@ class StreamDelta:
     text: str
     token_ids: list[int]
     logprobs: list[TokenLogprob] | None = None
-    finish_reason: str | None = None  # "stop", "length" or "abort" on the last delta
+    finish_reason: str | None = None  # "stop", "length", "abort" or "timeout" on the last delta
 
 
 @dataclass
@@ -92,6 +110,10 @@ class _Sequence:
     first_token_at: float | None = None
     finished_at: float | None = None
     text: str = ""
+    deadline: float = float("inf")  # perf_counter time after which it is stopped ("timeout")
+    reserve: int = 0  # cache positions it may come to hold (prompt + max_tokens + virtual tokens)
+    row: int = -1  # its cache row while prefilling
+    prefilled: int = 0  # prompt tokens already in the cache
 
     @property
     def length(self) -> int:
@@ -107,11 +129,20 @@ class InferenceEngine:
         max_batch_size: int = 8,
         max_seq_len: int | None = None,
         overflow: Overflow = "error",
+        max_step_tokens: int = 256,
+        max_step_attention: int | None = None,
+        kv_cache_bytes: int | None = None,
     ) -> None:
+        """``max_step_tokens``: prompt tokens one chunk holds (and roughly what a step spends);
+        ``max_step_attention``: chunk x prefix pairs one chunk may attend (default
+        ``max_step_tokens x 2048``); ``kv_cache_bytes``: the KV cache's memory budget (default:
+        what the settings could use, at most half the memory available at start)."""
         if max_batch_size < 1:
             raise ConfigError(f"max_batch_size must be at least 1, got {max_batch_size}")
         if overflow not in ("error", "truncate", "slide"):
             raise ConfigError(f"overflow must be 'error', 'truncate' or 'slide', got {overflow!r}")
+        if max_step_tokens < 1:
+            raise ConfigError(f"max_step_tokens must be at least 1, got {max_step_tokens}")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.config = model.config
@@ -120,28 +151,38 @@ class InferenceEngine:
         self.virtual_tokens = int(getattr(model, "virtual_tokens", 0))
         room = self.config.context_length - self.virtual_tokens
         self.max_seq_len = min(max_seq_len or room, room)
+        if self.max_seq_len < 1:
+            raise ConfigError(f"max_seq_len must be at least 1, got {max_seq_len}")
         self.overflow = overflow
+        self.max_step_tokens = max_step_tokens
+        self.max_step_attention = max_step_attention or max_step_tokens * 2048
         emb = model.embed_tokens.weight
         self.device = emb.device
         # On CPU the cache is fp32 whatever the model's dtype: decode attention (one query
         # over the cache) measured 10 us in fp32 against 41 us in bf16 per SmolLM2 layer.
         cache_dtype = torch.float32 if emb.device.type == "cpu" else emb.dtype
+        positions = self.max_seq_len + self.virtual_tokens
+        self.bytes_per_position = KVCache.bytes_per_position(self.config, cache_dtype)
+        self.kv_budget = kv_cache_budget(self.bytes_per_position, max_batch_size, positions, requested=kv_cache_bytes,
+                                         available=available_bytes(emb.device))
         self.cache = KVCache(
             self.config,
             max_batch_size,
-            max_len=self.max_seq_len + self.virtual_tokens,
+            max_len=positions,
             dtype=cache_dtype,
             device=emb.device,
+            allocate_rows=1,
         )
         if self.virtual_tokens:
             self.cache.prefix = model.virtual_prefix_kv()
         self.max_batch_size = max_batch_size
         self.waiting: deque[_Sequence] = deque()
-        self.running: list[_Sequence] = []  # running[i] lives in cache row i
+        self.running: list[_Sequence] = []  # decoding: running[i] lives in cache row i
+        self.prefilling: list[_Sequence] = []  # admitted, prompt partly cached (rows >= len(running)), by arrival
         self.finished: dict[str, _Sequence] = {}
         self._ids = itertools.count()
         self.eos_ids = frozenset(i for i in (getattr(tokenizer, "eot_id", None),) if i is not None)
-        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "requests": 0}
+        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "requests": 0, "prefill_chunks": 0}
 
     # ---- requests -------------------------------------------------------------------
     def encode_prompt(self, prompt: str | Sequence[int]) -> list[int]:
@@ -161,9 +202,14 @@ class InferenceEngine:
         return ids
 
     def add_request(
-        self, prompt: str | Sequence[int], params: SamplingParams | None = None, request_id: str | None = None
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        deadline: float | None = None,
     ) -> str:
-        """Queue a request; the text or token ids are checked now, so errors surface here."""
+        """Queue a request; the text or token ids are checked now, so errors surface here.
+        ``deadline``: a ``time.perf_counter()`` value after which it stops with "timeout"."""
         params = (params or SamplingParams()).validate(self.vocab_size)
         ids = self.encode_prompt(prompt)
         room = self.max_seq_len - len(ids)
@@ -175,7 +221,7 @@ class InferenceEngine:
                 )
             ids = ids[-max(1, self.max_seq_len - params.max_tokens) :]
         rid = request_id or f"req-{next(self._ids)}"
-        if any(s.id == rid for s in itertools.chain(self.waiting, self.running)):
+        if any(s.id == rid for s in itertools.chain(self.waiting, self.prefilling, self.running)):
             raise LmforgeError(f"request id {rid!r} is already in use")
         gen = torch.Generator(device="cpu")
         if params.seed is not None:
@@ -188,6 +234,9 @@ class InferenceEngine:
             StopChecker(params.stop),
             time.perf_counter(),
         )
+        if deadline is not None:
+            seq.deadline = deadline
+        seq.reserve = min(len(ids) + params.max_tokens, self.max_seq_len) + self.virtual_tokens
         if params.logprobs is not None:
             seq.logprobs = []
         if params.presence_penalty or params.frequency_penalty:
@@ -199,27 +248,33 @@ class InferenceEngine:
         self.stats["requests"] += 1
         return rid
 
-    def abort(self, request_id: str) -> bool:
+    @torch.inference_mode()  # the cache may be an inference tensor (grown within a step)
+    def abort(self, request_id: str, reason: str = "abort") -> bool:
         """Stop a request (client gone); its row is freed now. False if it is not active."""
         for s in list(self.waiting):
             if s.id == request_id:
                 self.waiting.remove(s)
-                s.finish_reason, s.finished_at = "abort", time.perf_counter()
+                s.finish_reason, s.finished_at = reason, time.perf_counter()
                 self.finished[s.id] = s
+                return True
+        for s in list(self.prefilling):
+            if s.id == request_id:
+                self._drop_prefill(s, reason)
                 return True
         for row, s in enumerate(self.running):
             if s.id == request_id:
-                s.finish_reason = "abort"
+                s.finish_reason = reason
                 self._release([row])
                 return True
         return False
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.prefilling or self.running)
 
     @property
     def num_running(self) -> int:
-        return len(self.running)
+        """Sequences holding a cache row (decoding or prefilling)."""
+        return len(self.running) + len(self.prefilling)
 
     @property
     def num_waiting(self) -> int:
@@ -228,43 +283,138 @@ class InferenceEngine:
     # ---- the step ---------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[StreamDelta]:
-        """Admit waiting requests into free rows (prefill), then decode one token for all."""
-        deltas: list[StreamDelta] = []
-        decode_rows = list(range(len(self.running)))
-        while self.waiting and len(self.running) < self.max_batch_size:
-            seq = self.waiting.popleft()
-            row = len(self.running)
-            self.running.append(seq)
-            deltas.append(self._prefill(seq, row))
+        """Decode one token for every decoding sequence, then prefill prompt chunks (admitting
+        waiting requests first) until the step's token budget is spent."""
+        deltas = self._expire()
+        decode_rows = [r for r, s in enumerate(self.running) if s.finish_reason is None]
         if decode_rows:
             deltas += self._decode(decode_rows)
+        self._admit()
+        deltas += self._prefill_chunks(self.max_step_tokens - len(decode_rows))
         self._release([r for r, s in enumerate(self.running) if s.finish_reason is not None])
+        if not self.prefilling:
+            self.cache.shrink(len(self.running))
         return deltas
 
-    def _prefill(self, seq: _Sequence, row: int) -> StreamDelta:
-        self.cache.reset_row(row)
-        idx = torch.tensor([seq.prompt_ids], device=self.device)
+    def _expire(self) -> list[StreamDelta]:
+        """Stop every sequence past its deadline ("timeout")."""
+        now = time.perf_counter()
+        deltas = []
+        for s in [s for s in itertools.chain(self.waiting, self.prefilling, self.running) if s.deadline < now]:
+            self.abort(s.id, "timeout")
+            deltas.append(StreamDelta(s.id, "", [], [] if s.logprobs is not None else None, "timeout"))
+        return deltas
+
+    def _admit(self) -> None:
+        """Give waiting requests free rows while the KV-cache budget holds them: every row may
+        grow as long as the longest one (one shared capacity), so a request fits when
+        ``rows x longest reservation`` stays within the budget."""
+        while self.waiting and self.num_running < self.max_batch_size:
+            seq = self.waiting[0]
+            live = [*self.running, *self.prefilling]
+            need = max([seq.reserve, *(s.reserve for s in live)])
+            if live and (len(live) + 1) * need * self.bytes_per_position > self.kv_budget:
+                return  # waits until rows finish
+            self.waiting.popleft()
+            taken = {s.row for s in self.prefilling}
+            seq.row = next(r for r in range(len(self.running), self.max_batch_size) if r not in taken)
+            self.cache.reserve_rows(seq.row + 1)
+            self.cache.reset_row(seq.row)
+            self.cache.reserve(self.virtual_tokens + len(seq.prompt_ids) + 1)
+            seq.prompt_logprobs = [None] if seq.params.prompt_logprobs is not None else None
+            self.prefilling.append(seq)
+
+    def _chunk_len(self, seq: _Sequence) -> int:
+        """Tokens of ``seq``'s next prompt chunk: a function of its own position only."""
+        start = seq.prefilled + self.virtual_tokens
+        attn = self.max_step_attention // (start + self.max_step_tokens)
+        return max(1, min(len(seq.prompt_ids) - seq.prefilled, self.max_step_tokens, max(16, attn)))
+
+    def _prefill_chunks(self, budget: int) -> list[StreamDelta]:
+        """Prompt chunks of the prefilling sequences, oldest first, while the step has budget
+        left: ``budget`` tokens and ``max_step_attention`` query x key pairs (at least one chunk
+        a step, so prompts progress under a full decode batch)."""
+        deltas: list[StreamDelta] = []
+        spent = pairs = 0
+        for seq in list(self.prefilling):
+            while seq.prefilled < len(seq.prompt_ids):
+                n = self._chunk_len(seq)
+                cost = n * (self.virtual_tokens + seq.prefilled + n)
+                if spent and (spent + n > budget or pairs + cost > self.max_step_attention):
+                    return deltas
+                if seq.deadline < time.perf_counter():
+                    self._drop_prefill(seq, "timeout")
+                    deltas.append(StreamDelta(seq.id, "", [], [] if seq.logprobs is not None else None, "timeout"))
+                    break
+                logits = self._prefill_chunk(seq, n)
+                spent, pairs = spent + n, pairs + cost
+                if seq.prefilled == len(seq.prompt_ids):
+                    deltas.append(self._start_decoding(seq, logits))
+        return deltas
+
+    def _prefill_chunk(self, seq: _Sequence, n: int) -> torch.Tensor | None:
+        """Run ``n`` more prompt tokens of ``seq`` into its row; the logits of the chunk's last
+        position when the prompt is complete (and prompt logprobs, chunk by chunk, when asked)."""
+        s = seq.prefilled
+        idx = torch.tensor([seq.prompt_ids[s : s + n]], device=self.device)
+        last = s + n == len(seq.prompt_ids)
         want_all = seq.params.prompt_logprobs is not None
-        logits = self.model.forward_cached(idx, self.cache.rows(row, row + 1), logits="all" if want_all else "last")
-        self.stats["prompt_tokens"] += len(seq.prompt_ids)
+        mode = "all" if want_all else ("last" if last else "none")
+        logits = self.model.forward_cached(idx, self.cache.rows(seq.row, seq.row + 1), logits=mode)
+        seq.prefilled += n
+        self.stats["prompt_tokens"] += n
+        self.stats["prefill_chunks"] += 1
         if want_all:
-            lp = torch.log_softmax(logits[0].float(), dim=-1)
-            targets = torch.tensor(seq.prompt_ids[1:])
-            seq.prompt_logprobs = [None] + token_logprobs(lp[:-1].cpu(), targets, seq.params.prompt_logprobs)
+            rows = logits[0].float()
+            self._check_finite(rows)
+            targets = torch.tensor(seq.prompt_ids[s + 1 : s + n + 1])  # the last prompt token has none
+            lp = torch.log_softmax(rows[: len(targets)], dim=-1)
+            seq.prompt_logprobs += token_logprobs(lp.cpu(), targets, seq.params.prompt_logprobs)
             logits = logits[:, -1]
-        return self._advance(seq, logits[0].float().cpu())
+        return logits[0].float().cpu() if last else None
+
+    def _start_decoding(self, seq: _Sequence, logits: torch.Tensor) -> StreamDelta:
+        """A prompt is in the cache: move its row next to the decoding rows, sample its first token."""
+        self.prefilling.remove(seq)
+        target = len(self.running)
+        if seq.row != target:
+            other = next((s for s in self.prefilling if s.row == target), None)
+            if other is not None:
+                self.cache.swap_rows(seq.row, target)
+                other.row = seq.row
+            else:
+                self.cache.move_row(seq.row, target)
+                self.cache.reset_row(seq.row)
+        seq.row = -1
+        self.running.append(seq)
+        self._check_finite(logits)
+        return self._advance(seq, logits)
+
+    def _drop_prefill(self, seq: _Sequence, reason: str) -> None:
+        self.prefilling.remove(seq)
+        self.cache.reset_row(seq.row)
+        seq.row = -1
+        seq.finish_reason, seq.finished_at = reason, time.perf_counter()
+        self.finished[seq.id] = seq
 
     def _decode(self, rows: list[int]) -> list[StreamDelta]:
-        n = len(rows)  # rows are 0..n-1: the sequences that were running before this step
+        n = len(self.running)  # rows are 0..n-1 (finished ones are released at the end of the step)
         for r in rows:
             if self.cache.lengths[r] - self.virtual_tokens >= self.max_seq_len:  # only under "slide"
                 seq = self.running[r]
                 window = (seq.prompt_ids + seq.out_ids)[-(self.max_seq_len // 2) :]
                 self.cache.reset_row(r)
-                self.model.forward_cached(torch.tensor([window[:-1]], device=self.device), self.cache.rows(r, r + 1))
-        idx = torch.tensor([[self.running[r].out_ids[-1]] for r in rows], device=self.device)
+                self.model.forward_cached(torch.tensor([window[:-1]], device=self.device), self.cache.rows(r, r + 1),
+                                          logits="none")
+        idx = torch.tensor([[s.out_ids[-1]] for s in self.running], device=self.device)
         logits = self.model.forward_cached(idx, self.cache.rows(0, n)).float().cpu()
+        self._check_finite(logits[rows])
         return [self._advance(self.running[r], logits[r]) for r in rows]
+
+    @staticmethod
+    def _check_finite(logits: torch.Tensor) -> None:
+        if not bool(torch.isfinite(logits).all()):
+            raise NonFiniteOutput("the model produced NaN or infinite logits (its weights or its precision are broken)")
 
     def _advance(self, seq: _Sequence, logits: torch.Tensor) -> StreamDelta:
         """Sample the next token of ``seq`` from its logits row and apply the stop rules."""
@@ -368,6 +518,8 @@ def load_engine(
     max_batch_size: int = 8,
     max_seq_len: int | None = None,
     overflow: Overflow = "error",
+    max_step_tokens: int = 256,
+    kv_cache_bytes: int | None = None,
 ) -> InferenceEngine:
     """An engine over a checkpoint (or a run's newest), optionally cast or quantized at load.
 
@@ -386,6 +538,7 @@ def load_engine(
     if dtype == "bfloat16":
         model = model.to(torch.bfloat16)
     tokenizer = Tokenizer.from_file(path / "tokenizer.json")
-    engine = InferenceEngine(model, tokenizer, max_batch_size=max_batch_size, max_seq_len=max_seq_len, overflow=overflow)
+    engine = InferenceEngine(model, tokenizer, max_batch_size=max_batch_size, max_seq_len=max_seq_len, overflow=overflow,
+                             max_step_tokens=max_step_tokens, kv_cache_bytes=kv_cache_bytes)
     engine.checkpoint = path
     return engine

@@ -32,7 +32,7 @@ import torch
 
 from ..errors import LmforgeError
 from ..fileio import refuse_existing
-from ..model.gpt import GPT, GPTConfig, check_state_dict
+from ..model.gpt import GPT, GPTConfig, check_finite, check_state_dict
 
 # gguf is a dependency, imported lazily so that only the GGUF paths pay its import time.
 
@@ -249,11 +249,22 @@ def import_gguf(path: str | Path, out: str | Path, *, overwrite: bool = False) -
             raise LmforgeError(f"{path}: metadata {arch}.{key} is missing")
         return v
 
+    def size(key: str, default: Any = None) -> int:
+        """A size from the metadata: a positive whole number (bounds: GPTConfig's)."""
+        v = meta(key, default)
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)) or int(v) < 1:
+            raise LmforgeError(f"{path}: metadata {arch}.{key} must be a positive whole number, got {str(v)[:60]}")
+        return int(v)
+
     tensors = {t.name: t for t in reader.tensors}
     tokens = _field(reader, "tokenizer.ggml.tokens")
-    n_embd, n_head = int(meta("embedding_length")), int(meta("attention.head_count"))
-    n_kv_head = int(meta("attention.head_count_kv", n_head))
-    head_dim = int(meta("attention.key_length", n_embd // n_head))
+    n_embd, n_head = size("embedding_length"), size("attention.head_count")
+    n_kv_head = size("attention.head_count_kv", n_head)
+    head_dim = size("attention.key_length", max(1, n_embd // n_head))
+    blocks = {int(n.split(".")[1]) for n in tensors if n.startswith("blk.") and n.split(".")[1].isdigit()}
+    if blocks != set(range(size("block_count"))):
+        raise LmforgeError(f"{path}: metadata says {size('block_count')} blocks, the file holds tensors of "
+                           f"{len(blocks)}")
     if int(meta("attention.value_length", head_dim)) != head_dim:
         raise LmforgeError(
             f"{path}: key and value head sizes differ, which lmforge does not support"
@@ -272,23 +283,26 @@ def import_gguf(path: str | Path, out: str | Path, *, overwrite: bool = False) -
         raise LmforgeError(
             f"{path}: {len(tokens)} tokens but token_embd has {vocab_size} rows"
         )
-    cfg = GPTConfig(
-        vocab_size=vocab_size,
-        context_length=int(meta("context_length")),
-        n_layer=int(meta("block_count")),
-        n_head=n_head,
-        n_kv_head=n_kv_head,
-        n_embd=n_embd,
-        head_dim=head_dim,
-        intermediate_size=int(meta("feed_forward_length")),
-        pos_embedding="rope",
-        rope_theta=_f32(meta("rope.freq_base", 10000.0)),
-        norm="rmsnorm",
-        norm_eps=_f32(meta("attention.layer_norm_rms_epsilon", 1e-5)),
-        mlp="swiglu",
-        bias=False,
-        tie_embeddings="output.weight" not in tensors,
-    )
+    try:
+        cfg = GPTConfig(
+            vocab_size=vocab_size,
+            context_length=size("context_length"),
+            n_layer=size("block_count"),
+            n_head=n_head,
+            n_kv_head=n_kv_head,
+            n_embd=n_embd,
+            head_dim=head_dim,
+            intermediate_size=size("feed_forward_length"),
+            pos_embedding="rope",
+            rope_theta=_f32(meta("rope.freq_base", 10000.0)),
+            norm="rmsnorm",
+            norm_eps=_f32(meta("attention.layer_norm_rms_epsilon", 1e-5)),
+            mlp="swiglu",
+            bias=False,
+            tie_embeddings="output.weight" not in tensors,
+        )
+    except (TypeError, ValueError) as e:
+        raise LmforgeError(f"{path}: the metadata does not describe a usable model: {e}") from None
 
     used: set[str] = set()
 
@@ -326,6 +340,7 @@ def import_gguf(path: str | Path, out: str | Path, *, overwrite: bool = False) -
         )
 
     check_state_dict(sd, cfg, str(path))
+    check_finite(sd, str(path))
     with torch.device("meta"):
         model = GPT(cfg)
     model = model.to_empty(device="cpu")

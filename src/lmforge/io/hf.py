@@ -38,7 +38,7 @@ from .. import __version__
 from ..config import from_dict, to_dict
 from ..errors import LmforgeError
 from ..fileio import atomic_write_json, staged_dir
-from ..model.gpt import GPTConfig, check_state_dict
+from ..model.gpt import GPTConfig, check_finite, check_state_dict
 from ..tokenizer.base import token_name
 
 ARCHITECTURES = ("GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -74,6 +74,8 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
         raise LmforgeError(f"{path.parent} has no {path.name} ({what})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise LmforgeError(f"{path} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise LmforgeError(f"{path} is nested too deeply to be a configuration") from None
     if not isinstance(data, dict):
         raise LmforgeError(f"{path} is not a JSON object")
     return data
@@ -358,12 +360,16 @@ def import_hf(src: str | Path, out: str | Path, *, overwrite: bool = False) -> P
     """
     src_dir = _resolve_source(src)
     hf_cfg = _read_json(src_dir / "config.json", "the model configuration")
-    arch, cfg, biases = _config_from_hf(hf_cfg, str(src_dir / "config.json"))
+    try:
+        arch, cfg, biases = _config_from_hf(hf_cfg, str(src_dir / "config.json"))
+    except (TypeError, ValueError) as e:  # a value of the wrong kind (a list where a number belongs...)
+        raise LmforgeError(f"{src_dir / 'config.json'} cannot be mapped to an lmforge model: {e}"[:400]) from None
     if not (src_dir / "tokenizer.json").is_file():
         raise LmforgeError(f"{src_dir} has no tokenizer.json (a fast tokenizer file is required)")
     sd = _load_hf_weights(src_dir)
     weights = _map_gpt2(sd, cfg) if arch == "GPT2LMHeadModel" else _map_llama(sd, cfg, biases)
     check_state_dict(weights, cfg, str(src_dir))
+    check_finite(weights, str(src_dir))
 
     config = {
         "format": "lmforge",

@@ -31,6 +31,15 @@ from .cache import CacheView, LayerKV
 from .presets import get_preset
 
 
+#: Largest value of each size of a config: well above every published model (Llama 3.1
+#: 405B: 126 layers, 16384 wide, 128k context; vocabularies up to ~260k).
+CONFIG_LIMITS = {"vocab_size": 1 << 24, "context_length": 1 << 21, "n_layer": 1024, "n_head": 1024,
+                 "n_kv_head": 1024, "n_embd": 1 << 16, "head_dim": 1024, "intermediate_size": 1 << 20,
+                 "num_labels": 1 << 16}
+#: Rotary tables (cos and sin, fp32) are built for the whole context: at most 2 x 512 MiB.
+MAX_ROPE_TABLE = 1 << 27
+
+
 @dataclass
 class GPTConfig:
     vocab_size: int = 50304
@@ -58,6 +67,7 @@ class GPTConfig:
     __presets__ = staticmethod(get_preset)
 
     def __post_init__(self) -> None:
+        self._check_types_and_bounds()
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if self.head_dim is None:
@@ -83,6 +93,29 @@ class GPTConfig:
             raise ValueError(f"rotary embeddings need an even head_dim, got {self.head_dim}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        self._check_types_and_bounds()
+        if self.pos_embedding == "rope" and self.context_length * self.head_dim > MAX_ROPE_TABLE:
+            raise ValueError(f"context_length x head_dim ({self.context_length} x {self.head_dim}) exceeds "
+                             f"{MAX_ROPE_TABLE} (the rotary tables would take over 1 GiB)")
+
+    def _check_types_and_bounds(self) -> None:
+        """Whole numbers where sizes are expected, within :data:`CONFIG_LIMITS`; finite positive
+        scalars. A config is input (model files from anywhere): without these checks a
+        1e5-layer config built modules for 300 s and a 1e12 context crashed the allocator."""
+        for name, limit in CONFIG_LIMITS.items():
+            v = getattr(self, name)
+            if v is None and name in ("n_kv_head", "head_dim", "intermediate_size"):
+                continue
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ValueError(f"{name} must be a whole number, got {v!r}"[:200])
+            if v > limit:
+                raise ValueError(f"{name} is {v}; lmforge accepts at most {limit}")
+            if v < (0 if name == "num_labels" else 1):
+                raise ValueError(f"{name} must be positive, got {v}")
+        for name in ("rope_theta", "norm_eps", "init_std"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"{name} must be a finite non-negative number, got {v!r}"[:200])
 
 
 class RMSNorm(nn.Module):
@@ -367,15 +400,16 @@ class GPT(nn.Module):
         idx: torch.Tensor | None,
         cache: CacheView,
         input_lengths: list[int] | None = None,
-        logits: Literal["last", "all"] = "last",
+        logits: Literal["last", "all", "none"] = "last",
         embeds: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | None:
         """Inference forward through a KV cache: ``idx`` (B, T) continues each cache row.
 
         Rows may hold different lengths (each token gets its own row's position), and
         ``input_lengths`` marks how many of a row's T tokens are real when prompts of
         different lengths are right-padded into one batch. Returns the logits of each row's
-        last real token (B, vocab), or of every position (B, T, vocab) with ``logits="all"``.
+        last real token (B, vocab), or of every position (B, T, vocab) with ``logits="all"``,
+        or None with ``logits="none"`` (a prompt chunk that only fills the cache).
         ``embeds`` (B, T, n_embd) replaces the token embeddings (soft prompts).
         """
         x = self.embed_tokens(idx) if embeds is None else embeds
@@ -390,6 +424,8 @@ class GPT(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, rope, cache.layer(i))
         cache.commit()
+        if logits == "none":
+            return None
         if logits == "last":
             if input_lengths is None:
                 x = x[:, -1]
@@ -486,6 +522,14 @@ def build_model(cfg: GPTConfig) -> GPT:
     return GPT(cfg)
 
 
+def check_finite(weights: dict[str, torch.Tensor], where: str) -> None:
+    """Raise LmforgeError if a floating-point tensor holds NaN or infinite values: such a model
+    can only produce NaN logits (every sampled request failed)."""
+    for k, t in weights.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise LmforgeError(f"{where}: {k} holds NaN or infinite values; the weights are corrupt")
+
+
 def check_state_dict(weights: dict[str, torch.Tensor], cfg: GPTConfig, where: str) -> None:
     """Raise LmforgeError unless ``weights`` has exactly the keys and shapes ``cfg`` implies."""
     with torch.device("meta"):
@@ -497,3 +541,5 @@ def check_state_dict(weights: dict[str, torch.Tensor], cfg: GPTConfig, where: st
     for k, shape in expected.items():
         if tuple(weights[k].shape) != shape:
             raise LmforgeError(f"{where}: {k} has shape {tuple(weights[k].shape)}, the config needs {shape}")
+        if not weights[k].is_floating_point():
+            raise LmforgeError(f"{where}: {k} is stored as {weights[k].dtype}; model weights must be floating point")

@@ -4,14 +4,15 @@ Routes: ``POST /v1/chat/completions`` and ``/v1/completions`` (streamed as serve
 events, or whole), ``GET /v1/models``, ``POST /tokenize`` and ``/detokenize``,
 ``GET /health``, ``GET /metrics`` (Prometheus) and the web chat page at ``/``.
 
-Every request passes one ASGI middleware (:class:`Guard`) before any route: it gives
-the request an id (``X-Request-Id``, the client's when it sends a sane one), refuses
-oversized headers (431) and bodies (413, counted as they arrive, so a chunked body
-cannot slip past), checks the API key on protected routes (401) and the caller's rate
-limit (429 with ``Retry-After``), counts the response status and writes one JSON access
-log line. Every error, whichever layer raises it, leaves as an OpenAI-style JSON body
-``{"error": {"message", "type", "param", "code"}}``; FastAPI's validation errors (422)
-become 400 with the field named in the message.
+Every request passes one ASGI middleware (:class:`~lmforge.serve.guard.Guard`) before
+any route: request ids, header/body limits and timeouts, API keys, failed-login throttling,
+rate limits, status metrics and access logs. Every error, whichever layer raises it (the
+routes, the guard, or uvicorn's HTTP protocol, see ``serve/connections.py``), leaves as an
+OpenAI-style JSON body ``{"error": {"message", "type", "param", "code"}}``; FastAPI's
+validation errors (422) become 400 with the field named in the message.
+
+Chat templates render in a worker thread under a time and size budget
+(:class:`~lmforge.tokenizer.chat.ChatTemplate`), never on the event loop.
 
 Generation goes through :class:`~lmforge.serve.scheduler.Scheduler`: one engine loop
 thread, continuous batching across concurrent requests, a request aborted (its batch
@@ -25,24 +26,23 @@ import contextlib
 import dataclasses
 import json
 import logging
-import math
-import re
 import time
-import uuid
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request, Security
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, Response, StreamingResponse
 from fastapi.security import HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import LmforgeError
 from ..infer.chat import end_of_turn_ids
 from ..infer.sampling import SamplingParams
-from .auth import ApiKeys, RateLimiter, bearer_token
+from .auth import ApiKeys
+from .errors import ApiError, echo, error_body, error_response, error_type
+from .guard import Guard
 from .logs import LOGGER, BodyMasker
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .protocol import (
@@ -52,14 +52,12 @@ from .protocol import (
     DetokenizeRequest,
     TokenizeRequest,
 )
-from .scheduler import Event, Overloaded, Scheduler, TimedOut
+from .scheduler import Event, ModelFault, Overloaded, Scheduler, TimedOut
+from .templates import TemplateError, TemplateRenderer
 
 log = logging.getLogger(LOGGER)
 
 STATIC = Path(__file__).parent / "static"
-PUBLIC_PATHS = {"/", "/health", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc", "/favicon.ico"}
-KNOWN_PATHS = PUBLIC_PATHS | {"/v1/chat/completions", "/v1/completions", "/v1/models", "/tokenize", "/detokenize"}
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 
 @dataclasses.dataclass
@@ -82,6 +80,16 @@ class ServeConfig:
     cors_origins: list[str] = dataclasses.field(default_factory=list)
     log_requests: bool = False
     drain_timeout: float = 30.0
+    max_concurrent: int = 512  # requests in flight before 503 (probes exempt)
+    auth_fail_limit: float = 10.0  # failed API-key attempts a minute per client address (0: off)
+    metrics_public: bool = False  # /metrics without a key even when keys are set
+    trusted_proxies: list[str] = dataclasses.field(default_factory=list)  # whose X-Forwarded-For is believed
+    header_timeout: float = 10.0  # seconds from a connection's first byte to its complete request head
+    body_timeout: float = 30.0  # seconds for a whole request body to arrive
+    max_pending_connections: int = 256  # connections without a complete request head (oldest closed beyond)
+    stall_timeout: float = 30.0  # seconds the engine loop may take to come round before /ready fails
+    template_timeout: float = 2.0  # seconds a chat template may take to render
+    template_memory_mb: int = 512  # memory a template worker may allocate beyond its start-up size
 
 
 @dataclasses.dataclass
@@ -98,168 +106,6 @@ class ServedModel:
     @property
     def tokenizer(self):
         return self.engine.tokenizer
-
-
-class ApiError(Exception):
-    """An error answered as OpenAI-style JSON with an HTTP status."""
-
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
-                 param: str | None = None, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
-        self.headers = headers or {}
-
-
-def error_body(message: str, type_: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
-
-
-def error_response(status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
-                   param: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(error_body(message, type_, code, param), status_code=status, headers=headers)
-
-
-_STATUS_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
-                 405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
-                 503: "server_overloaded", 504: "timeout_error"}
-
-
-# ---- the guard middleware ------------------------------------------------------------------
-class Guard:
-    """Request ids, header/body limits, API keys, rate limits, status metrics, access logs."""
-
-    def __init__(self, app, config: ServeConfig, metrics: ServerMetrics) -> None:
-        self.app = app
-        self.config = config
-        self.metrics = metrics
-        self.limiter = RateLimiter(config.rate_limit, config.rate_burst)
-
-    async def _reply(self, send, status: int, message: str, type_: str, code: str, rid: str,
-                     headers: dict[str, str] | None = None) -> None:
-        body = json.dumps(error_body(message, type_, code)).encode()
-        h = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-             (b"x-request-id", rid.encode())]
-        h += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
-        await send({"type": "http.response.start", "status": status, "headers": h})
-        await send({"type": "http.response.body", "body": body})
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        t0 = time.perf_counter()
-        headers = scope.get("headers") or []
-        given = next((v.decode("latin-1") for k, v in headers if k == b"x-request-id"), None)
-        rid = given if given and _REQUEST_ID.match(given) else uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = rid
-        path = scope.get("path", "")
-        method = scope.get("method", "GET")
-        status_box = {"status": 500}
-
-        async def send_wrapped(message) -> None:
-            if message["type"] == "http.response.start":
-                status_box["status"] = message["status"]
-                message = dict(message)
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
-            await send(message)
-
-        try:
-            await self._handle(scope, receive, send_wrapped, send, rid, path, method, headers, status_box)
-        finally:
-            status = status_box["status"]
-            label = path if path in KNOWN_PATHS else "other"
-            dt = time.perf_counter() - t0
-            self.metrics.http.labels(method, label, str(status)).inc()
-            self.metrics.http_latency.labels(label).observe(dt)
-            if path not in ("/metrics", "/health"):
-                client = scope.get("client")
-                log.info("request", extra={"fields": {
-                    "event": "http", "request_id": rid, "method": method, "path": label, "status": status,
-                    "duration_ms": round(dt * 1000, 2), "client": client[0] if client else None,
-                    "key": scope["state"].get("api_key"),
-                }})
-
-    async def _handle(self, scope, receive, send, raw_send, rid, path, method, headers, status_box) -> None:
-        cfg = self.config
-        header_bytes = sum(len(k) + len(v) + 4 for k, v in headers)
-        if header_bytes > cfg.max_header_bytes:
-            status_box["status"] = 431
-            await self._reply(raw_send, 431, f"the request headers hold {header_bytes} bytes; the limit is "
-                              f"{cfg.max_header_bytes}", "invalid_request_error", "headers_too_large", rid)
-            return
-        protected = path not in PUBLIC_PATHS and not (method == "OPTIONS" and cfg.cors_origins)
-        caller = None
-        if protected and cfg.api_keys.enabled:
-            auth = next((v.decode("latin-1") for k, v in headers if k == b"authorization"), None)
-            token = bearer_token(auth)
-            caller = cfg.api_keys.check(token)
-            if caller is None:
-                status_box["status"] = 401
-                msg = ("missing API key: send it as 'Authorization: Bearer KEY'" if token is None
-                       else "invalid API key")
-                await self._reply(raw_send, 401, msg, "authentication_error",
-                                  "missing_api_key" if token is None else "invalid_api_key", rid,
-                                  {"WWW-Authenticate": "Bearer"})
-                return
-            scope["state"]["api_key"] = caller
-        if protected and self.limiter.enabled:
-            if caller is None:
-                client = scope.get("client")
-                caller = f"ip:{client[0] if client else '?'}"
-            wait = self.limiter.acquire(caller)
-            if wait > 0:
-                self.metrics.rate_limited.inc()
-                status_box["status"] = 429
-                await self._reply(raw_send, 429, f"rate limit exceeded; retry in {math.ceil(wait)} s",
-                                  "rate_limit_error", "rate_limit_exceeded", rid,
-                                  {"Retry-After": str(max(1, math.ceil(wait)))})
-                return
-        if method in ("POST", "PUT", "PATCH"):
-            length = next((v for k, v in headers if k == b"content-length"), None)
-            if length is not None:
-                try:
-                    declared = int(length)
-                except ValueError:
-                    declared = -1
-                if declared < 0:
-                    status_box["status"] = 400
-                    await self._reply(raw_send, 400, "invalid Content-Length header", "invalid_request_error",
-                                      "bad_request", rid)
-                    return
-                if declared > cfg.max_body_bytes:
-                    status_box["status"] = 413
-                    await self._reply(raw_send, 413, f"the request body has {declared} bytes; the limit is "
-                                      f"{cfg.max_body_bytes}", "invalid_request_error", "request_too_large", rid)
-                    return
-            chunks, size = [], 0
-            while True:  # read the body here, bounded, then replay it to the app
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    status_box["status"] = 499
-                    return
-                chunk = message.get("body", b"")
-                size += len(chunk)
-                if size > cfg.max_body_bytes:
-                    status_box["status"] = 413
-                    await self._reply(raw_send, 413, f"the request body exceeds the limit of {cfg.max_body_bytes} "
-                                      "bytes", "invalid_request_error", "request_too_large", rid)
-                    return
-                chunks.append(chunk)
-                if not message.get("more_body", False):
-                    break
-            body = b"".join(chunks)
-            replayed = False
-
-            async def replay():
-                nonlocal replayed
-                if not replayed:
-                    replayed = True
-                    return {"type": "http.request", "body": body, "more_body": False}
-                return await receive()
-
-            await self.app(scope, replay, send)
-        else:
-            await self.app(scope, receive, send)
 
 
 # ---- helpers ---------------------------------------------------------------------------------
@@ -368,11 +214,26 @@ def create_app(models: Sequence[ServedModel], config: ServeConfig | None = None,
         raise LmforgeError("two served models have the same name")
     base = models[0]
     metrics = ServerMetrics()
-    scheduler = scheduler or Scheduler({m.name: m.engine for m in models}, metrics, max_waiting=config.max_waiting)
+    scheduler = scheduler or Scheduler({m.name: m.engine for m in models}, metrics, max_waiting=config.max_waiting,
+                                       stall_timeout=config.stall_timeout)
     scheduler.metrics = metrics
     metrics.attach(scheduler)
     masker = BodyMasker() if config.log_requests else None
     token_text = {m.name: _Token(m.tokenizer) for m in models}
+    # one renderer (worker processes) per template: adapters share their base model's
+    renderers: dict[int, TemplateRenderer] = {}
+    for m in models:
+        if id(m.template) not in renderers:
+            renderers[id(m.template)] = TemplateRenderer(
+                m.template, timeout=config.template_timeout, memory_mb=config.template_memory_mb,
+                max_chars=max(1 << 20, 4 * config.max_body_bytes))
+
+    async def render(m: ServedModel, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        """The conversation as prompt text, rendered in a template worker (never on the event loop)."""
+        try:
+            return await asyncio.to_thread(renderers[id(m.template)].render, messages, add_generation_prompt)
+        except TemplateError as e:
+            raise ApiError(400, str(e), code="template_error", param="messages") from None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -383,6 +244,8 @@ def create_app(models: Sequence[ServedModel], config: ServeConfig | None = None,
             yield
         finally:
             await asyncio.to_thread(scheduler.stop, config.drain_timeout)
+            for r in renderers.values():
+                r.close()
             log.info("stopped", extra={"fields": {"event": "stop"}})
 
     app = FastAPI(
@@ -414,18 +277,22 @@ def create_app(models: Sequence[ServedModel], config: ServeConfig | None = None,
     async def on_overloaded(request: Request, exc: Overloaded):
         return error_response(503, str(exc), "server_overloaded", "overloaded", headers={"Retry-After": "1"})
 
+    @app.exception_handler(ModelFault)
+    async def on_model_fault(request: Request, exc: ModelFault):
+        return error_response(503, str(exc), "server_error", "model_output_invalid")
+
     @app.exception_handler(LmforgeError)
     async def on_user_error(request: Request, exc: LmforgeError):
         return error_response(400, str(exc), code="invalid_request")
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(request: Request, exc: StarletteHTTPException):
-        type_ = _STATUS_TYPES.get(exc.status_code, "invalid_request_error" if exc.status_code < 500 else "server_error")
+        type_ = error_type(exc.status_code)
         message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
         if exc.status_code == 404:
-            message = f"no route {request.method} {request.url.path}"
+            message = f"no route {request.method} {echo(request.url.path)}"
         elif exc.status_code == 405:
-            message = f"method {request.method} is not allowed on {request.url.path}"
+            message = f"method {request.method} is not allowed on {echo(request.url.path)}"
         return error_response(exc.status_code, message, type_, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
@@ -440,7 +307,7 @@ def create_app(models: Sequence[ServedModel], config: ServeConfig | None = None,
             return base
         m = by_name.get(name)
         if m is None:
-            raise ApiError(404, f"the model {name!r} does not exist; served models: {', '.join(by_name)}",
+            raise ApiError(404, f"the model {echo(name)!r} does not exist; served models: {', '.join(by_name)}",
                            "invalid_request_error", "model_not_found", "model")
         return m
 
@@ -503,9 +370,9 @@ def create_app(models: Sequence[ServedModel], config: ServeConfig | None = None,
         """Submit; return (queue, rids) for the caller to consume."""
         loop = asyncio.get_running_loop()
         q: asyncio.Queue[Event] = asyncio.Queue()
-        # the loop's own deadline is a little later than the handler's: the handler answers
-        # 504 first when it is there; the loop's abort covers a handler that is gone
-        rids = scheduler.submit(m.name, prompts, params, loop, q, timeout=config.request_timeout + 1.0)
+        # the engine stops the computation at the same deadline (between two prompt chunks or
+        # decode steps) whether or not the handler is still there to answer 504
+        rids = scheduler.submit(m.name, prompts, params, loop, q, timeout=config.request_timeout)
         return q, rids
 
     async def collect(request: Request, q: asyncio.Queue, rids: list[str], count: int):
@@ -552,6 +419,8 @@ def create_app(models: Sequence[ServedModel], config: ServeConfig | None = None,
                             "timeout")
         if isinstance(err, Overloaded):
             return ApiError(503, str(err), "server_overloaded", "overloaded", headers={"Retry-After": "1"})
+        if isinstance(err, ModelFault):
+            return ApiError(503, str(err), "server_error", "model_output_invalid")
         if isinstance(err, LmforgeError):
             return ApiError(400, str(err), code="invalid_request")
         return ApiError(500, "internal server error", "server_error", "internal_error")
@@ -575,7 +444,7 @@ def create_app(models: Sequence[ServedModel], config: ServeConfig | None = None,
                     scheduler.abort(rids)
                     left = 0
                     err = engine_error(ev.error)
-                    if err.status >= 500 and not isinstance(ev.error, Overloaded):
+                    if err.status >= 500 and not isinstance(ev.error, (Overloaded, ModelFault)):
                         log.error("generation failed", exc_info=ev.error)
                     yield _sse(error_body(err.message, err.type, err.code))
                     yield "data: [DONE]\n\n"
@@ -617,11 +486,18 @@ def create_app(models: Sequence[ServedModel], config: ServeConfig | None = None,
             "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
         })
 
-    @app.get("/health", summary="liveness: the engine loop runs")
+    @app.get("/health", summary="liveness: the process answers and its engine loop thread runs")
     async def health():
         if not scheduler.alive:
             return error_response(503, "the engine loop is not running", "server_error", "engine_down")
         return {"status": "ok", "models": scheduler.snapshot()}
+
+    @app.get("/ready", summary="readiness: the engine loop comes round and every model produces finite outputs")
+    async def ready():
+        ok, why = scheduler.readiness()
+        if not ok:
+            return error_response(503, why, "server_error", "not_ready")
+        return {"status": "ready"}
 
     @app.get("/metrics", summary="Prometheus metrics", include_in_schema=False)
     async def prometheus():
@@ -644,7 +520,7 @@ def create_app(models: Sequence[ServedModel], config: ServeConfig | None = None,
             if len(req.messages) > config.max_messages:
                 raise ApiError(400, f"messages: at most {config.max_messages}, got {len(req.messages)}",
                                param="messages")
-            text = m.template.render(_template_messages(req.messages), add_generation_prompt=req.add_generation_prompt)
+            text = await render(m, _template_messages(req.messages), req.add_generation_prompt)
         else:
             text = req.prompt
         ids = m.tokenizer.encode(text) if text else []
@@ -673,7 +549,7 @@ def create_app(models: Sequence[ServedModel], config: ServeConfig | None = None,
             raise ApiError(400, "response_format: only {'type': 'text'} is supported", param="response_format")
         if req.top_logprobs and not req.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-        text = m.template.render(_template_messages(req.messages), add_generation_prompt=True)
+        text = await render(m, _template_messages(req.messages), True)
         ids = m.engine.encode_prompt(text)
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         if requested is not None and requested < 1:

@@ -9,7 +9,8 @@ are never logged.
 
 Rate limits are token buckets, one per key (per client address when no keys are set):
 ``rate`` requests a minute on average, at most ``burst`` at once. A refused request is
-told how many seconds to wait (``Retry-After``).
+told how many seconds to wait (``Retry-After``). Failed logins use the same buckets per
+client address (each failure takes a token; an empty bucket refuses before comparing).
 """
 
 from __future__ import annotations
@@ -109,6 +110,16 @@ class RateLimiter:
     @property
     def enabled(self) -> bool:
         return self.rate > 0
+
+    def wait(self, caller: str, now: float | None = None) -> float:
+        """Seconds until ``caller`` has a token (0 if it has one now); takes nothing."""
+        if not self.enabled:
+            return 0.0
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            tokens, last = self._buckets.get(caller, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        return 0.0 if tokens >= 1.0 else (1.0 - tokens) / self.rate
 
     def acquire(self, caller: str, now: float | None = None) -> float:
         """0 if the request may go now (a token is taken), else the seconds until it may."""

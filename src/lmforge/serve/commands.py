@@ -6,6 +6,7 @@ Kept free of heavy imports at module level: the CLI's parser imports this module
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 from pathlib import Path
 
@@ -37,6 +38,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--max-batch-size", type=int, default=16, help="sequences decoded together per model (default 16)")
     g.add_argument("--max-seq-len", type=int, default=None, help="cap on prompt + completion tokens (default: the model's context)")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--max-step-tokens", type=int, default=256,
+                   help="prompt tokens prefilled per engine step, between the running decodes (default 256)")
+    g.add_argument("--kv-cache-gb", type=float, default=None,
+                   help="KV-cache memory budget (default: what the batch could use, at most half the free memory)")
+    g.add_argument("--stall-timeout", type=float, default=30.0,
+                   help="seconds the engine loop may take to come round before /ready fails (default 30)")
     s = p.add_argument_group("security and limits")
     s.add_argument("--api-key-file", default=None, help="file of API keys, one a line ('#' comments)")
     s.add_argument("--rate-limit", type=float, default=0.0, metavar="RPM", help="requests a minute per key (0: off)")
@@ -49,7 +56,21 @@ def add_parser(sub) -> argparse.ArgumentParser:
     s.add_argument("--max-prompts", type=int, default=32, help="prompts in a /v1/completions request (default 32)")
     s.add_argument("--max-waiting", type=int, default=256, help="queued sequences before 503 (default 256)")
     s.add_argument("--request-timeout", type=float, default=300.0, help="seconds a request may run (default 300)")
-    s.add_argument("--limit-concurrency", type=int, default=512, help="open connections before uvicorn answers 503")
+    s.add_argument("--limit-concurrency", type=int, default=512, help="requests in flight before 503 (default 512)")
+    s.add_argument("--auth-fail-limit", type=float, default=10.0, metavar="N",
+                   help="failed API-key attempts a minute per client address before 429 (default 10; 0: off)")
+    s.add_argument("--metrics-public", action="store_true", help="serve /metrics without a key when keys are set")
+    s.add_argument("--trusted-proxies", action="append", default=[], metavar="ADDR",
+                   help="believe X-Forwarded-For only from these addresses or networks (repeatable; default: none)")
+    s.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a connection has to send a whole request head (default 10) -> 408")
+    s.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds a request body has to arrive (default 30) -> 408")
+    s.add_argument("--max-pending-connections", type=int, default=256,
+                   help="connections without a complete request head; beyond, the oldest is closed (default 256)")
+    s.add_argument("--template-timeout", type=float, default=2.0, help="seconds a chat template may render (default 2)")
+    s.add_argument("--template-memory-mb", type=int, default=512,
+                   help="memory a chat-template render may use (default 512)")
     s.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="allow browser calls from ORIGIN (repeatable; CORS is off by default)")
     o = p.add_argument_group("operations")
@@ -57,6 +78,23 @@ def add_parser(sub) -> argparse.ArgumentParser:
     o.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
     o.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish in-flight requests on shutdown")
     return p
+
+
+def _trusted_proxies(specs: list[str]) -> list[str]:
+    """Addresses or networks (``10.0.0.0/8``) whose X-Forwarded-For is believed, checked."""
+    import ipaddress
+
+    out = []
+    for spec in specs:
+        for part in (p.strip() for p in spec.split(",")):
+            if not part:
+                continue
+            try:
+                ipaddress.ip_network(part, strict=False)
+            except ValueError:
+                raise ConfigError(f"--trusted-proxies: {part!r} is not an IP address or network") from None
+            out.append(part)
+    return out
 
 
 def parse_adapters(specs: list[str]) -> list[tuple[str, Path]]:
@@ -120,8 +158,14 @@ def build_models(args: argparse.Namespace):
     adapters = parse_adapters(args.adapter)
     load_adapter = _adapter_loader() if adapters else None
     quantize = None if args.quantize == "none" else args.quantize
+    if args.max_step_tokens < 1:
+        raise ConfigError(f"--max-step-tokens must be at least 1, got {args.max_step_tokens}")
+    if args.kv_cache_gb is not None and args.kv_cache_gb <= 0:
+        raise ConfigError(f"--kv-cache-gb must be positive, got {args.kv_cache_gb}")
+    kv_bytes = None if args.kv_cache_gb is None else int(args.kv_cache_gb * 2**30)
     engine = load_engine(args.checkpoint, device=args.device, dtype=args.dtype, quantize=quantize,
-                         max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len)
+                         max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
+                         max_step_tokens=args.max_step_tokens, kv_cache_bytes=kv_bytes)
     template = ChatTemplate.from_checkpoint(engine.checkpoint)
     base_name = args.model_name or Path(args.checkpoint).resolve().name
     if not _NAME.match(base_name):
@@ -141,7 +185,8 @@ def build_models(args: argparse.Namespace):
             quantize_model(model, quantize)
         if dtype == torch.bfloat16:
             model = model.to(torch.bfloat16)
-        eng = InferenceEngine(model, engine.tokenizer, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len)
+        eng = InferenceEngine(model, engine.tokenizer, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
+                              max_step_tokens=args.max_step_tokens, kv_cache_bytes=kv_bytes)
         eng.checkpoint = engine.checkpoint
         models.append(ServedModel(name, eng, template, parent=base_name, source=str(path)))
     return models
@@ -154,29 +199,24 @@ def run_serve(args: argparse.Namespace) -> None:
     from .server import run_server
 
     for flag in ("max_body_bytes", "max_header_bytes", "max_n", "max_tokens", "max_messages", "max_prompts",
-                 "max_waiting", "limit_concurrency"):
+                 "max_waiting", "limit_concurrency", "max_pending_connections", "template_memory_mb"):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
-    if args.request_timeout <= 0 or args.drain_timeout < 0:
-        raise ConfigError("--request-timeout must be positive and --drain-timeout not negative")
+    for flag in ("request_timeout", "header_timeout", "body_timeout", "template_timeout", "stall_timeout"):
+        if not getattr(args, flag) > 0:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    if args.drain_timeout < 0 or args.auth_fail_limit < 0:
+        raise ConfigError("--drain-timeout and --auth-fail-limit must not be negative")
+    proxies = _trusted_proxies(args.trusted_proxies)
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port must be in 0..65535, got {args.port}")
-    config = ServeConfig(
-        api_keys=ApiKeys.load(args.api_key_file),
-        rate_limit=args.rate_limit,
-        rate_burst=args.rate_burst,
-        max_body_bytes=args.max_body_bytes,
-        max_header_bytes=args.max_header_bytes,
-        max_n=args.max_n,
-        max_prompts=args.max_prompts,
-        max_tokens_cap=args.max_tokens,
-        max_messages=args.max_messages,
-        max_waiting=args.max_waiting,
-        request_timeout=args.request_timeout,
-        cors_origins=list(args.cors_origin),
-        log_requests=args.log_requests,
-        drain_timeout=args.drain_timeout,
-    )
+    # ServeConfig's fields are the flags of the same names, but for these
+    renamed = {"max_tokens_cap": "max_tokens", "max_concurrent": "limit_concurrency"}
+    given = {"api_keys": ApiKeys.load(args.api_key_file), "cors_origins": list(args.cors_origin),
+             "trusted_proxies": proxies}
+    config = ServeConfig(**{f.name: given[f.name] if f.name in given else getattr(args, renamed.get(f.name, f.name))
+                            for f in dataclasses.fields(ServeConfig)
+                            if f.name in given or hasattr(args, renamed.get(f.name, f.name))})
     if args.threads is not None:
         import torch
 
@@ -196,4 +236,4 @@ def run_serve(args: argparse.Namespace) -> None:
     print(f"serving {', '.join(m.name for m in models)} on http://{args.host}:{args.port} "
           f"(chat page at /, API at /v1)", flush=True)
     run_server(app, host=args.host, port=args.port, drain_timeout=args.drain_timeout,
-               limit_concurrency=args.limit_concurrency, log_level=args.log_level if args.log_level != "info" else "warning")
+               log_level=args.log_level if args.log_level != "info" else "warning")

@@ -33,7 +33,7 @@ class _EngineCollector:
         with self.scheduler._lock:
             pending = self.scheduler._pending
         for name, e in self.scheduler.engines.items():
-            running.add_metric([name], len(e.running))
+            running.add_metric([name], e.num_running)
             waiting.add_metric([name], len(e.waiting))
         submitted = GaugeMetricFamily(
             "lmforge_requests_submitted", "Requests handed to the engine loop, not yet queued by an engine"
@@ -78,6 +78,10 @@ class ServerMetrics:
             registry=r,
         )
         self.rate_limited = Counter("lmforge_rate_limited", "Requests refused by the rate limit", registry=r)
+        self.auth_throttled = Counter(
+            "lmforge_auth_throttled", "Requests refused after too many failed API-key attempts from their address",
+            registry=r,
+        )
 
     def attach(self, scheduler: Scheduler) -> None:
         self.registry.register(_EngineCollector(scheduler))

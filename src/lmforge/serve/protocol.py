@@ -6,13 +6,21 @@ context) are checked by the handlers against the configuration. Unknown fields a
 ignored, as clients send vendor extensions; fields this server cannot honour
 (tools, logit_bias, suffix, images) are refused with a clear message rather than
 silently ignored.
+
+Types are strict, as OpenAI's API is: ``n: "2"``, ``stream: "yes"`` or ``max_tokens: 2.0``
+are 400s, not coerced (an integer is accepted where a number is expected). A lone UTF-16
+surrogate (``"\ud800"`` in the JSON, which no UTF-8 text can hold and which the tokenizer
+and the JSON encoder both fail on) becomes U+FFFD, the replacement character, in every
+string of a request, as a browser does when it decodes such text: a client that cut an
+emoji in half gets a reply, not an error.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MAX_LOGPROBS = 20
 
@@ -22,8 +30,27 @@ TopP = Annotated[float, Field(ge=1e-6, le=1.0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def replace_surrogates(value: Any) -> Any:
+    """``value`` with every lone surrogate in its strings (nested in lists and dicts) replaced by U+FFFD."""
+    if isinstance(value, str):
+        return _SURROGATE.sub("\ufffd", value) if _SURROGATE.search(value) else value
+    if isinstance(value, list):
+        return [replace_surrogates(v) for v in value]
+    if isinstance(value, dict):
+        return {replace_surrogates(k): replace_surrogates(v) for k, v in value.items()}
+    return value
+
+
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_only(cls, data: Any) -> Any:
+        return replace_surrogates(data)
 
 
 class StreamOptions(_Request):
@@ -31,7 +58,7 @@ class StreamOptions(_Request):
 
 
 class _Sampling(_Request):
-    model: str | None = Field(None, description="a name from GET /v1/models (default: the base model)")
+    model: str | None = Field(None, max_length=256, description="a name from GET /v1/models (default: the base model)")
     n: int = Field(1, ge=1, description="choices to generate")
     temperature: Temperature | None = None
     top_p: TopP | None = None
@@ -86,12 +113,12 @@ class CompletionRequest(_Sampling):
 
 
 class TokenizeRequest(_Request):
-    model: str | None = None
+    model: str | None = Field(None, max_length=256)
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     add_generation_prompt: bool = True
 
 
 class DetokenizeRequest(_Request):
-    model: str | None = None
+    model: str | None = Field(None, max_length=256)
     tokens: list[Annotated[int, Field(ge=0)]]

@@ -11,7 +11,15 @@ to the handler's event loop through ``loop.call_soon_threadsafe`` into the reque
 the engine's :class:`~lmforge.infer.engine.Completion`, or ``"error"``.
 
 A handler whose client went away (or whose time ran out) calls :meth:`Scheduler.abort`:
-the loop aborts the request before its next step, which frees the batch row at once.
+the loop aborts the request before its next step, which frees the batch row at once. A
+request's deadline also goes to the engine, which stops it between two prompt chunks or
+decode steps (a step is bounded by the engine's chunked prefill), so the computation ends
+with the deadline whether or not the handler is still there.
+
+Readiness (``GET /ready``): the loop stamps :attr:`Scheduler.heartbeat` every time round
+(at least every 0.5 s, and four times per ``stall_timeout``, when idle); a loop that has not come round for ``stall_timeout``
+seconds is stalled, and a model that produced NaN or infinite logits is marked faulty
+(its requests fail with 503) until the server restarts.
 
 With several models (a base and its LoRA adapters, one engine each), the one loop steps
 every engine that has work in turn. Metrics (running/waiting gauges, token counters,
@@ -32,6 +40,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..errors import LmforgeError
+from ..infer.engine import NonFiniteOutput
 
 if TYPE_CHECKING:
     from ..infer.engine import Completion, InferenceEngine, StreamDelta
@@ -47,6 +56,10 @@ class Overloaded(LmforgeError):
 
 class TimedOut(LmforgeError):
     """A request ran past its deadline; the loop aborted it."""
+
+
+class ModelFault(LmforgeError):
+    """The model produced non-finite outputs: HTTP 503 until the server is restarted."""
 
 
 @dataclasses.dataclass
@@ -87,6 +100,7 @@ class Scheduler:
         metrics: ServerMetrics | None = None,
         *,
         max_waiting: int = 256,
+        stall_timeout: float = 30.0,
     ) -> None:
         if not engines:
             raise LmforgeError("the scheduler needs at least one engine")
@@ -109,6 +123,9 @@ class Scheduler:
         # thread that builds the scheduler (the app factory's), not of the one starting it
         self._threads = torch.get_num_threads()
         self.stats = {"steps": 0, "max_decode_rows": 0, "multi_row_steps": 0, "aborted": 0, "errors": 0}
+        self.stall_timeout = stall_timeout
+        self.heartbeat = time.monotonic()  # the loop's last time round
+        self.faults: dict[str, str] = {}  # model -> why it cannot serve (non-finite outputs)
 
     # ---- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -125,7 +142,21 @@ class Scheduler:
     def in_flight(self) -> int:
         with self._lock:
             pending = self._pending
-        return pending + sum(len(e.running) + len(e.waiting) for e in self.engines.values())
+        return pending + sum(e.num_running + len(e.waiting) for e in self.engines.values())
+
+    def readiness(self) -> tuple[bool, str]:
+        """(ready, why not): the loop runs and comes round, and no model is faulty."""
+        if not self.alive:
+            return False, "the engine loop is not running"
+        if not self.accepting:
+            return False, "the server is shutting down"
+        stalled = time.monotonic() - self.heartbeat
+        if stalled > self.stall_timeout:
+            return False, f"the engine loop has not come round for {stalled:.1f} s"
+        if self.faults:
+            name, why = next(iter(self.faults.items()))
+            return False, f"model {name}: {why}"
+        return True, ""
 
     def stop(self, drain_timeout: float = 30.0) -> None:
         """Refuse new requests, let running ones finish (up to ``drain_timeout`` s), then
@@ -168,6 +199,8 @@ class Scheduler:
         whether or not the handler is still there to see it."""
         if model not in self.engines:
             raise LmforgeError(f"unknown model {model!r}")
+        if model in self.faults:
+            raise ModelFault(f"model {model} cannot serve: {self.faults[model]}")
         if not self.accepting:
             raise Overloaded("the server is shutting down")
         if not self.alive:
@@ -220,7 +253,8 @@ class Scheduler:
                     self._pending -= 1
                 engine = self.engines[a.model]
                 try:
-                    engine.add_request(ids, params, request_id=a.rid)
+                    engine.add_request(ids, params, request_id=a.rid,
+                                       deadline=a.deadline if a.deadline != float("inf") else None)
                 except LmforgeError as e:
                     self._deliver(a, Event("error", a.index, error=e))
                     continue
@@ -272,6 +306,14 @@ class Scheduler:
                 else:
                     m.itl.labels(model).observe(now - a.last_token_at)
                 m.generation_tokens.labels(model).inc(n)
+            if d.finish_reason == "timeout":  # the engine stopped it at its deadline
+                del self._active[d.request_id]
+                engine.finished.pop(d.request_id, None)
+                self.stats["aborted"] += 1
+                if m:
+                    m.aborted.labels(model).inc()
+                self._deliver(a, Event("error", a.index, error=TimedOut("the request ran out of time")))
+                continue
             a.last_token_at = now
             a.tokens += n
             self._deliver(a, Event("delta", a.index, delta=d))
@@ -285,8 +327,14 @@ class Scheduler:
                 self._deliver(a, Event("done", a.index, completion=c))
 
     def _fail_engine(self, model: str, engine: InferenceEngine, err: BaseException) -> None:
-        """A step raised (a bug or out of memory): fail that engine's requests, keep serving."""
-        log.exception("engine step failed", extra={"fields": {"model": model}})
+        """A step raised (a bug, out of memory, a broken model): fail that engine's requests,
+        keep serving; a model that produced non-finite logits is marked faulty (not ready)."""
+        if isinstance(err, NonFiniteOutput):
+            self.faults[model] = str(err)
+            err = ModelFault(f"model {model} cannot serve: {err}")
+            log.error("model produced non-finite logits", extra={"fields": {"model": model}})
+        else:
+            log.exception("engine step failed", extra={"fields": {"model": model}})
         self.stats["errors"] += 1
         for rid, a in list(self._active.items()):
             if a.model != model:
@@ -306,15 +354,16 @@ class Scheduler:
             torch.set_num_threads(self._threads)
         with torch.inference_mode():
             while not self._stop.is_set():
+                self.heartbeat = time.monotonic()
                 self._handle_commands()
                 self._expire()
                 busy = [(name, e) for name, e in self.engines.items() if e.has_unfinished()]
-                if not busy:
-                    self._wake.wait(0.5)
+                if not busy:  # idle: wake often enough that the heartbeat shows a live loop
+                    self._wake.wait(min(0.5, self.stall_timeout / 4))
                     self._wake.clear()
                     continue
                 for name, engine in busy:
-                    rows = len(engine.running)  # rows decoded this step (admitted ones prefill)
+                    rows = len(engine.running)  # rows decoded this step (the prefilling ones are not)
                     try:
                         deltas = engine.step()
                     except Exception as e:  # noqa: BLE001 - reported to the requests, loop survives
@@ -337,6 +386,7 @@ class Scheduler:
     # ---- introspection ---------------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
         return {
-            name: {"running": len(e.running), "waiting": len(e.waiting), "max_batch_size": e.max_batch_size}
+            name: {"running": len(e.running), "prefilling": len(e.prefilling), "waiting": len(e.waiting),
+                   "max_batch_size": e.max_batch_size}
             for name, e in self.engines.items()
         }

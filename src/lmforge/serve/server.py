@@ -1,11 +1,13 @@
 """Running the app: uvicorn in the foreground (``lmforge serve``) or on a background thread.
 
-uvicorn runs with its pure-Python h11 protocol (predictable limits: a request head
-larger than ``h11_max_incomplete_event_size`` is refused by uvicorn itself; smaller
-heads over the server's own ``max_header_bytes`` get a JSON 431 from the app), its
-own access log off (the app writes JSON access lines) and a graceful shutdown: on
-SIGINT/SIGTERM it stops accepting connections, lets in-flight responses finish for up
-to ``drain_timeout`` seconds, then the app's lifespan drains and stops the engine loop.
+uvicorn runs with its pure-Python h11 protocol, extended in ``connections.py`` (a deadline
+for each request head, a cap on connections without one, JSON errors; a request head
+larger than ``h11_max_incomplete_event_size`` is refused by the protocol with a JSON 431,
+smaller heads over the server's own ``max_header_bytes`` get one from the app), its own
+access log off (the app writes JSON access lines), ``X-Forwarded-For`` believed only from
+the configured ``trusted_proxies``, and a graceful shutdown: on SIGINT/SIGTERM it stops
+accepting connections, lets in-flight responses finish for up to ``drain_timeout``
+seconds, then the app's lifespan drains and stops the engine loop.
 """
 
 from __future__ import annotations
@@ -20,13 +22,21 @@ H11_MAX_HEAD = 1 << 20
 
 
 def uvicorn_config(app, *, host: str = "127.0.0.1", port: int = 8000, drain_timeout: float = 30.0,
-                   limit_concurrency: int | None = 512, log_level: str = "warning"):
+                   log_level: str = "warning"):
+    """uvicorn's settings for ``app``; the connection bounds and trusted proxies come from the
+    app's ServeConfig (``app.state.config``) when it has one."""
     import uvicorn
 
+    from .connections import guarded_protocol
+
+    cfg = getattr(getattr(app, "state", None), "config", None)
+    proxies = list(getattr(cfg, "trusted_proxies", []) or [])
+    protocol = guarded_protocol(getattr(cfg, "header_timeout", 10.0), getattr(cfg, "max_pending_connections", 256))
     return uvicorn.Config(
-        app, host=host, port=port, http="h11", lifespan="on", log_config=None, access_log=False,
+        app, host=host, port=port, http=protocol, ws="none", lifespan="on", log_config=None, access_log=False,
         log_level=log_level, h11_max_incomplete_event_size=H11_MAX_HEAD, timeout_keep_alive=5,
-        timeout_graceful_shutdown=drain_timeout, limit_concurrency=limit_concurrency, server_header=False,
+        timeout_graceful_shutdown=drain_timeout, limit_concurrency=None, server_header=False,
+        proxy_headers=bool(proxies), forwarded_allow_ips=proxies or None,
     )
 
 

@@ -6,11 +6,23 @@ same environment Hugging Face transformers uses (``trim_blocks``, ``lstrip_block
 loop controls, a ``tojson`` filter, ``raise_exception`` and ``strftime_now``): the same
 template and messages render to the same string in both. A checkpoint without a template
 uses ChatML.
+
+The sandbox stops escapes, not work: ``{{ 10**10000000 }}`` held the interpreter (and with
+it every thread of a server) for 21.9 s in one C call. The operators that can do that in one
+step are bounded here: ``**`` and ``*`` of integers to :data:`MAX_INT_BITS` bits, ``*`` and
+``+`` of strings and lists and the integer arguments of calls to :data:`MAX_ITEMS` items, so
+no single operation allocates or computes without bound. Loops, recursion and the sum of
+many operations are bounded where the render runs: the server renders in a worker process
+with a time and memory limit (``serve/templates.py``); elsewhere (``lmforge chat``, SFT
+data) the template is the user's own choice of model and Ctrl-C stops it. Any failure of a
+template, Jinja's or not (ZeroDivisionError, RecursionError, TypeError...), is one
+:class:`LmforgeError` naming it, never a traceback.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -25,10 +37,69 @@ CHATML = (
 )
 
 
+#: Largest integer an operator of a template may produce (bits): 10**10000000 is refused.
+MAX_INT_BITS = 1 << 16
+#: Largest string or list one operation may produce, and largest integer argument of a call
+#: (``'x'.center(n)``, ``(1).to_bytes(n)``, ``items|batch(n, fill)``).
+MAX_ITEMS = 1 << 22
+
+
+class TemplateLimit(LmforgeError):
+    """A template operation would exceed the bounds above."""
+
+
+def _size(x: Any) -> int | None:
+    return len(x) if isinstance(x, (str, bytes, list, tuple)) else None
+
+
+def _int_bits(x: Any) -> int:
+    return abs(x).bit_length() if isinstance(x, int) and not isinstance(x, bool) else 0
+
+
+def _check_binop(op: str, left: Any, right: Any) -> None:
+    """Refuse an operation whose result would exceed the bounds, before computing it."""
+    if op == "**" and isinstance(left, int) and isinstance(right, int) and right > 0 and abs(left) > 1:
+        if right * max(1, _int_bits(left) - 1) > MAX_INT_BITS:
+            raise TemplateLimit(f"{left} ** {right} is larger than {MAX_INT_BITS} bits")
+    elif op == "*":
+        if isinstance(left, int) and isinstance(right, int):
+            if _int_bits(left) + _int_bits(right) > MAX_INT_BITS:
+                raise TemplateLimit(f"a product larger than {MAX_INT_BITS} bits")
+        else:
+            for seq, n in ((left, right), (right, left)):
+                if _size(seq) is not None and isinstance(n, int) and _size(seq) * max(n, 0) > MAX_ITEMS:
+                    raise TemplateLimit(f"repeating {_size(seq)} items {n} times exceeds {MAX_ITEMS} items")
+    elif op == "+" and _size(left) is not None and _size(right) is not None:
+        if _size(left) + _size(right) > MAX_ITEMS:
+            raise TemplateLimit(f"joining {_size(left)} and {_size(right)} items exceeds {MAX_ITEMS} items")
+    elif op == "%" and isinstance(left, (str, bytes)):
+        args = right if isinstance(right, tuple) else (right,)
+        widths = [int(w) for w in re.findall(r"%[-#0 +]*(\d+)", left if isinstance(left, str) else left.decode("latin-1"))]
+        if any(w > MAX_ITEMS for w in widths) or any(isinstance(a, int) and a > MAX_ITEMS for a in args):
+            raise TemplateLimit(f"a format width larger than {MAX_ITEMS}")
+
+
+def _check_call(args: tuple, kwargs: dict) -> None:
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, int) and not isinstance(a, bool) and a > MAX_ITEMS:
+            raise TemplateLimit(f"a call with the argument {a} (larger than {MAX_ITEMS})")
+
+
 def _environment():
     import jinja2
     from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class BoundedSandbox(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset({"**", "*", "+", "%"})
+
+        def call_binop(self, context, operator, left, right):
+            _check_binop(operator, left, right)
+            return super().call_binop(context, operator, left, right)
+
+        def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - Jinja's signature
+            _check_call(args, kwargs)
+            return super().call(__context, __obj, *args, **kwargs)
 
     def raise_exception(message: str):
         raise jinja2.exceptions.TemplateError(message)
@@ -36,11 +107,24 @@ def _environment():
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env = BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    for name, fn in list(env.filters.items()):  # filters are called directly, not through env.call
+        env.filters[name] = _bounded_filter(fn)
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env
+
+
+def _bounded_filter(fn):
+    import functools
+
+    @functools.wraps(fn)
+    def bounded(*args, **kwargs):
+        _check_call(args, kwargs)
+        return fn(*args, **kwargs)
+
+    return bounded
 
 
 def _check_messages(messages: Any) -> None:
@@ -78,8 +162,16 @@ class ChatTemplate:
             )
         except SecurityError as e:
             raise LmforgeError(f"the chat template tried an unsafe operation: {e}") from None
+        except TemplateLimit as e:
+            raise LmforgeError(f"the chat template exceeded a limit: {e}") from None
         except jinja2.TemplateError as e:
             raise LmforgeError(f"the chat template rejected the conversation: {e}") from None
+        except MemoryError:
+            raise LmforgeError("the chat template ran out of memory") from None
+        except RecursionError:
+            raise LmforgeError("the chat template recursed too deeply") from None
+        except Exception as e:  # noqa: BLE001 - a template is code from a model file: any failure is its own
+            raise LmforgeError(f"the chat template failed: {type(e).__name__}: {_short(e)}") from None
 
     @classmethod
     def from_checkpoint(cls, path: str | Path) -> ChatTemplate:
@@ -104,6 +196,11 @@ class ChatTemplate:
                 if k.endswith("_token") and k not in specials and (name := token_name(v)):
                     specials[k] = name
         return cls(source if isinstance(source, str) else CHATML, specials)
+
+
+def _short(e: BaseException, limit: int = 200) -> str:
+    text = str(e).splitlines()[0] if str(e) else ""
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _read_json(path: Path) -> dict[str, Any]:

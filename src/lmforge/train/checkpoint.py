@@ -24,6 +24,7 @@ the run directory and picks its newest one.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from collections.abc import Iterator
@@ -40,7 +41,7 @@ from ..config import from_dict, to_dict
 from ..errors import ConfigError, LmforgeError
 from ..fileio import atomic_write_json, staged_dir
 from ..model import quant
-from ..model.gpt import GPT, GPTConfig
+from ..model.gpt import GPT, GPTConfig, check_finite, check_state_dict
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -242,6 +243,42 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def recover_checkpoints(run_dir: str | Path) -> list[str]:
+    """Undo what a kill during a save left in ``run_dir/checkpoints`` (see fileio.staged_dir):
+    a ``.tmp-step_N-PID`` folder is an unfinished save (removed); a ``.old-step_N-PID`` folder
+    is a replaced checkpoint, put back if its replacement never arrived, else removed; a
+    ``.step_N.optimizer-shards`` folder is an unfinished FSDP save (removed). Folders of a
+    process that is still alive are left alone. Returns what was done, one line each."""
+    ckdir = Path(run_dir) / "checkpoints"
+    if not ckdir.is_dir():
+        return []
+    done = []
+    for p in sorted(ckdir.iterdir()):
+        m = re.match(r"^\.(tmp|old)-(.+)-(\d+)$", p.name)
+        shards = re.match(r"^\.(step_\d+)\.optimizer-shards$", p.name)
+        if m and _alive(int(m.group(3))):
+            continue
+        if m and m.group(1) == "old" and not (ckdir / m.group(2)).exists():
+            os.replace(p, ckdir / m.group(2))
+            done.append(f"restored {m.group(2)} (its replacement was never completed)")
+        elif m or shards:
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            done.append(f"removed {p.name} (left by an interrupted save)")
+    return done
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # our own leftovers from an earlier save that failed
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def check_fresh_run(out_dir: str | Path, resume: bool, overwrite: bool) -> None:
     """Refuse to start a new run over a run directory that holds checkpoints (they would pass
     for the new run's, or be resumed by mistake) unless resuming or overwriting."""
@@ -274,9 +311,41 @@ def read_config(ckpt: Path) -> dict[str, Any]:
         raise LmforgeError(f"{ckpt} has no config.json") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise LmforgeError(f"{ckpt}/config.json is not valid JSON: {e}") from None
-    if not isinstance(cfg, dict) or "model" not in cfg:
+    except RecursionError:
+        raise LmforgeError(f"{ckpt}/config.json is nested too deeply to be a config") from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict):
         raise LmforgeError(f"{ckpt}/config.json is not an lmforge config (no 'model' section)")
     return cfg
+
+
+_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+_LAYER_KEY = re.compile(r"^layers\.(\d+)\.")
+
+
+def check_weights_file(path: Path, cfg: GPTConfig, quantized: bool) -> None:
+    """Check a checkpoint's safetensors header against its config before anything is allocated:
+    the layers present, the embedding's shape, the dtypes (floating point, or the integer
+    tensors of a quantized checkpoint). A config that claims 1e5 layers or a 1e9-wide model
+    over a small file is refused here, in milliseconds, instead of building modules for minutes."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            shapes = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise LmforgeError(f"{path} cannot be read: {e}") from None
+    layers = {int(m.group(1)) for k in shapes if (m := _LAYER_KEY.match(k))}
+    if layers != set(range(cfg.n_layer)):
+        have = f"layers 0..{max(layers)}" if layers else "no layers"
+        raise LmforgeError(f"{path}: the config has {cfg.n_layer} layers, the weights hold {have}")
+    emb = shapes.get("embed_tokens.weight")
+    if emb is None or emb[0] != (cfg.vocab_size, cfg.n_embd):
+        raise LmforgeError(f"{path}: embed_tokens.weight is {emb[0] if emb else 'missing'}; the config needs "
+                           f"{(cfg.vocab_size, cfg.n_embd)}")
+    bad = [k for k, (_, dtype) in shapes.items() if dtype not in _FLOAT_DTYPES and not (quantized and "_int" in k)]
+    if bad:
+        raise LmforgeError(f"{path}: {bad[0]} is stored as {shapes[bad[0]][1]}; model weights must be floating point "
+                           "(a quantized checkpoint says so in its config.json)")
 
 
 def load_model(
@@ -302,10 +371,14 @@ def load_model(
     cfg = from_dict(GPTConfig, full_config["model"], "model")
     stored = quant.read_spec(full_config, str(ckpt))
     quantize = quant.resolve_request(stored, quantize, str(ckpt))
+    check_weights_file(ckpt / "model.safetensors", cfg, stored is not None)
     try:
         weights = load_file(str(ckpt / "model.safetensors"), device=str(device))
     except (SafetensorError, OSError) as e:
         raise LmforgeError(f"{ckpt}/model.safetensors cannot be read: {e}") from None
+    check_finite(weights, f"{ckpt}/model.safetensors")
+    if stored is None:  # names and shapes, before they become parameters
+        check_state_dict(weights, cfg, str(ckpt))
     with torch.device("meta"):
         model = GPT(cfg)
         if stored is not None:

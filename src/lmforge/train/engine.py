@@ -30,6 +30,7 @@ from ..errors import ConfigError, LmforgeError
 from .checkpoint import (
     list_checkpoints,
     load_training_state,
+    recover_checkpoints,
     save_checkpoint,
     save_sharded_optimizer,
     unwrap,
@@ -44,7 +45,7 @@ from .distributed import (
 from .objectives.base import Objective, RunContext
 from .optim import build_optimizer
 from .schedule import lr_multiplier
-from .tracking import LogConfig, RunLogger
+from .tracking import RUN_LOGS, LogConfig, RunLogger, set_aside_previous_run, trim_metrics
 
 
 @dataclass
@@ -287,17 +288,25 @@ class Engine:
         ``overwrite``) clear the old run's checkpoints and metrics, which would otherwise pass
         for this run's (and be resumed or sampled from, or mix with its curves and report); then write
         the run's config.yaml."""
+        if self.dist.is_main:  # a kill during a save leaves staging folders: clear or restore them
+            for line in recover_checkpoints(self.out_dir):
+                print(f"{self.out_dir}/checkpoints: {line}")
+        if self.dist.enabled:
+            torch.distributed.barrier()
         if resume:
             ckpt = self.resume_from()
             if self.dist.is_main:
                 print(f"resuming from {ckpt} (step {self.step})")
+                if self.log_cfg.jsonl:
+                    trim_metrics(self.out_dir / "metrics.jsonl", self.step)
         if self.dist.is_main:
             if not resume and overwrite:
                 shutil.rmtree(self.out_dir / "checkpoints", ignore_errors=True)
-                (self.out_dir / "metrics.jsonl").unlink(missing_ok=True)
-                shutil.rmtree(self.out_dir / "tb", ignore_errors=True)
-                (self.out_dir / "report.md").unlink(missing_ok=True)
-                shutil.rmtree(self.out_dir / "plots", ignore_errors=True)
+                for name in RUN_LOGS:
+                    path = self.out_dir / name
+                    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            elif not resume and (moved := set_aside_previous_run(self.out_dir)) is not None:
+                print(f"{self.out_dir} held the logs of an earlier run: moved to {moved}")
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "config.yaml").write_text(yaml.safe_dump(self.run_config, sort_keys=False))
 

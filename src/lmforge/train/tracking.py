@@ -1,6 +1,13 @@
 """Run logging: console progress bar, metrics.jsonl, TensorBoard, and W&B when configured.
 
-The curves are drawn at the end of a run into its report card (:mod:`lmforge.eval.report`)."""
+The curves are drawn at the end of a run into its report card (:mod:`lmforge.eval.report`).
+
+A resumed run first cuts ``metrics.jsonl`` back to the checkpoint's step (:func:`trim_metrics`:
+the rows logged after it are logged again by the resumed run; before, the file held them
+twice and its step count jumped back 50 -> 41) and TensorBoard purges its events past that
+step; a fresh run moves an earlier run's logs aside (:func:`set_aside_previous_run`) instead
+of appending to them.
+"""
 
 from __future__ import annotations
 
@@ -53,7 +60,8 @@ class RunLogger:
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(out_dir / "tb"))
+            # resumed: events past the checkpoint's step are dropped (they are logged again)
+            self._tb = SummaryWriter(log_dir=str(out_dir / "tb"), purge_step=start_step + 1 if start_step else None)
         if cfg.wandb:
             try:
                 import wandb
@@ -97,3 +105,48 @@ class RunLogger:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def trim_metrics(path: Path, step: int) -> int:
+    """Keep the rows of ``metrics.jsonl`` up to ``step`` (and drop a line torn by a kill);
+    atomically. Returns how many rows were dropped."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+                keep = isinstance(row, dict) and int(row.get("step", step + 1)) <= step
+            except (ValueError, TypeError):
+                keep = False
+            if keep and line.endswith("\n"):
+                kept.append(line)
+            else:
+                dropped += 1
+    if dropped:
+        from ..fileio import atomic_write_text
+
+        atomic_write_text(path, "".join(kept))
+    return dropped
+
+
+#: What a run writes into its out_dir, besides checkpoints/ and config.yaml.
+RUN_LOGS = ("metrics.jsonl", "tb", "summary.json", "report.md", "plots")
+
+
+def set_aside_previous_run(out_dir: Path) -> Path | None:
+    """Move an earlier run's logs out of the way of a fresh run (into ``previous/<time>/``),
+    so its rows do not mix with the new run's. None when there was nothing to move."""
+    found = [out_dir / name for name in RUN_LOGS if (out_dir / name).exists()]
+    if not found:
+        return None
+    dest = out_dir / "previous" / time.strftime("%Y%m%d-%H%M%S")
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = dest.with_name(f"{dest.name.split('.')[0]}.{n}")
+    dest.mkdir(parents=True)
+    for f in found:
+        os.replace(f, dest / f.name)
+    return dest
