@@ -479,11 +479,13 @@ def cmd_export(args) -> None:
     print(f"exported {ckpt} -> {path}")
 
 
+from .data.commands import ACTIONS  # noqa: E402 (the handler table below lists them)
+
 HANDLERS: dict[tuple[str, str | None], Callable] = {
     ("quickstart", None): cmd_quickstart,
     ("tokenizer", "train"): cmd_tokenizer_train,
     ("data", "prepare"): cmd_data_prepare,
-    **{("data", a): cmd_data_pipeline for a in ("reddit", "clean", "dedup", "pii", "augment", "synth-reddit")},
+    **{("data", a): cmd_data_pipeline for a in ACTIONS},
     ("pretrain", None): cmd_pretrain,
     ("finetune", None): cmd_finetune,
     ("adversarial", None): cmd_adversarial,
