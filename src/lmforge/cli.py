@@ -88,12 +88,29 @@ def _stage_parser(sub, name: str, stage: str, cls: type, help_: str, extra: Call
     return p
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse without prefix matching: ``--api-key sk-...`` was silently taken as
+    ``--api-key-file sk-...``. Every subcommand's parser is of this class (argparse builds
+    subparsers with the class of their parent)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
+def _finetune_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--resume", action="store_true", help="continue from out_dir's newest checkpoint")
+    p.add_argument("--preview", type=int, default=None, metavar="N",
+                   help="print N training examples as the model sees them (chat template, tokens, loss-carrying "
+                   "tokens marked, end-of-turn check) and stop without training")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .data.prepare import DataPrepareConfig
     from .tokenizer.train import TokenizerTrainConfig
     from .train.pretrain import PretrainConfig
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="lmforge",
         description="lmforge: from raw text to your own language model and chatbot.",
         epilog=STAGES,
@@ -134,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
         "finetune",
         FinetuneConfig,
         "adapt a checkpoint: chat SFT, classification or DPO, full or parameter-efficient",
-        lambda p: p.add_argument("--resume", action="store_true", help="continue from out_dir's newest checkpoint"),
+        _finetune_flags,
     )
     from .train.adversarial import AdversarialRunConfig
 
@@ -328,6 +345,11 @@ def cmd_finetune(args) -> None:
     from .train.finetune import FinetuneConfig, run_finetune
 
     cfg = load_config(FinetuneConfig, "finetune", args.recipe, args.overrides)
+    if args.preview is not None:
+        from .train.finetune import preview_finetune
+
+        print(preview_finetune(cfg, args.preview, color=sys.stdout.isatty()))
+        return
     summary = run_finetune(cfg, resume=args.resume)
     if os.environ.get("RANK", "0") == "0":
         print(f"  checkpoint: {summary['checkpoint']}\n  summary: {Path(cfg.out_dir) / 'summary.json'}")

@@ -128,6 +128,30 @@ def _load_data(cfg: FinetuneConfig, out: Path):
     return train_ex, val_ex, labels, report
 
 
+def preview_finetune(cfg: FinetuneConfig, n: int, color: bool = False) -> str:
+    """``--preview N``: the first N chat SFT training examples, rendered and tokenized as training
+    will see them, loss-carrying tokens marked (:mod:`.objectives.preview`). Loads no model."""
+    import tempfile
+
+    from ..tokenizer import Tokenizer
+    from ..tokenizer.chat import ChatTemplate
+    from .objectives.preview import preview
+
+    if n < 1:
+        raise ConfigError(f"--preview must be at least 1, got {n}")
+    if cfg.objective != "sft":
+        raise ConfigError(f"--preview shows chat SFT examples; this recipe's objective is {cfg.objective}")
+    if not cfg.base:
+        raise ConfigError("no base model: set base=CHECKPOINT (its tokenizer and chat template render the examples)")
+    base = resolve_checkpoint(cfg.base)
+    context = int(read_config(base)["model"]["context_length"])
+    with tempfile.TemporaryDirectory() as tmp:  # rejects files, if asked for, are not this command's output
+        train_ex, _, _, _ = _load_data(replace(cfg, data=replace(cfg.data, max_val_records=1)), Path(tmp))
+    return preview(train_ex, Tokenizer.from_file(base / "tokenizer.json"), ChatTemplate.from_checkpoint(base),
+                   assistant_only=cfg.sft.assistant_only, max_length=min(cfg.sft.max_length, context), n=n,
+                   color=color, total=len(train_ex))
+
+
 def run_finetune(cfg: FinetuneConfig, resume: bool = False) -> dict[str, Any]:
     from ..tokenizer import Tokenizer
     from ..tokenizer.chat import ChatTemplate
