@@ -108,7 +108,7 @@ def run_adversarial_benchmark(work: Path, base_s: float, overrides: list[str], o
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="runs/adv-bench")
     ap.add_argument("--skip-base", action="store_true", help="reuse WORK/strong/sft and WORK/weak/sft from an earlier run")
     ap.add_argument("--base-only", action="store_true", help="build the two chat models and stop")

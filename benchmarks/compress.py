@@ -79,7 +79,7 @@ def quantile(values: list[float], q: float) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default="runs/compress/base", help="trained checkpoint or run directory")
     ap.add_argument("--data", default="runs/shakespeare-char/data", help="its prepared shards (train: calibration "
                     "and recovery; val: evaluation)")

@@ -41,7 +41,7 @@ def read_evals(run: Path) -> list[dict]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     ap.add_argument("--work", default="runs/bench-continual")
     ap.add_argument("--old-steps", type=int, default=600)
     ap.add_argument("--new-steps", type=int, default=300)

@@ -158,7 +158,7 @@ def peak_rss_mib(ckpt: Path, dtype: str, quant: str | None, threads: int) -> flo
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=128, help="new tokens per run")
     ap.add_argument("--prompt-tokens", type=int, default=256)

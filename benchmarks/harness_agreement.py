@@ -59,7 +59,7 @@ def run(model, manager, limit, model_args=None):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("--limit", type=int, default=None, help="first N documents (default all 100)")
     ap.add_argument("--batch-size", type=int, default=8)

@@ -55,7 +55,7 @@ def transformers_perplexity(model, ids: torch.Tensor, max_length: int, stride: i
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     ap.add_argument("checkpoint")
     ap.add_argument("--text", default=str(ROOT / "data" / "tinyshakespeare.txt"))
     ap.add_argument("--span", type=float, nargs=2, default=(0.9, 1.0), help="fractions of the text's characters")

@@ -104,7 +104,7 @@ def measure(settings: dict) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     ap.add_argument("--formats", nargs="+", default=["zst", "ndjson"], choices=["zst", "ndjson"])
     ap.add_argument("--num-proc", type=int, default=2)

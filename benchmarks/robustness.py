@@ -30,7 +30,7 @@ LABELS = ["Alarm", "Buses", "Events", "Flights", "Homes", "Hotels", "Media", "Mo
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     ap.add_argument("--base", default="runs/bench-continual/new-none")
     ap.add_argument("--work", default="runs/bench-robustness")
     ap.add_argument("--steps", type=int, default=300)

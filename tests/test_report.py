@@ -149,6 +149,25 @@ def test_report_without_data_and_with_a_failing_plot(tmp_path: Path, monkeypatch
     assert "val_accuracy (step 40)" in report.read_text()  # no summary given: the last logged values
 
 
+def test_val_loss_below_train_loss_is_explained(tmp_path: Path) -> None:
+    """A card that shows the held-out loss ending below the training loss says why (and one
+    whose val stays above says nothing)."""
+    def card(val: float) -> str:
+        run = tmp_path / f"run{val}"
+        run.mkdir()
+        rows = [{"step": s, "kind": "train", "loss": 2.0 - 0.01 * s} for s in (5, 10, 15, 20)]
+        rows.append({"step": 20, "kind": "eval", "val_loss": val})
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return write_report(run, title="t", metrics_file=run / "metrics.jsonl",
+                            config={"peft": {"method": "lora", "dropout": 0.05}, "model": {"dropout": 0.0}}).read_text()
+
+    below = card(1.5)
+    assert "Why the val loss (1.5000) is below the train loss (1.8000)" in below
+    assert "mean over the 5 step(s) before it" in below and "peft.dropout=0.05" in below
+    assert "model.dropout" not in below.split("Why the val loss")[1].split("\n")[0]
+    assert "Why the val loss" not in card(1.9)
+
+
 # ------------------------------------------------------------------- acceptance: quickstart
 def test_quickstart_ends_with_a_report_card(tmp_path: Path, capsys) -> None:
     """The whole pipeline (tiny sizes): corpus, BPE, pretrain, chat SFT, eval, report card."""

@@ -16,15 +16,11 @@ from lmforge.tokenizer.chat import CHATML, ChatTemplate
 from lmforge.train.objectives.preview import assistant_turn_ends, end_of_turn_token_ids, preview
 from lmforge.train.objectives.sft import tokenize_example
 
+from conftest import SMOLLM2_TEMPLATE as SMOLLM2
 from conftest import needs_smol, save_tiny_llama
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>",
             "<|end_header_id|>", "<|eot_id|>", "<s>", "</s>", "[INST]", "[/INST]"]
-# SmolLM2-135M-Instruct's own template (from its GGUF): ChatML with a default system prompt
-SMOLLM2 = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\n"
-           "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}{% endif %}"
-           "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
-           "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 # Llama-3's: header tokens, <|eot_id|> ends every turn
 LLAMA3 = ("{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
           "'<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"

@@ -34,7 +34,8 @@ HEADLINE = {
     "classify": ("accuracy", "macro_f1", "micro_f1"),
     "multiple_choice": ("acc", "acc_norm"),
     "generate": ("exact_match", "f1", "rougeL", "bleu"),
-    "chat": ("loss", "perplexity", "reply_tokens_mean", "distinct_1", "distinct_2"),
+    "chat": ("loss", "perplexity", "reply_tokens_mean", "distinct_1", "distinct_2", "identical_replies",
+             "ended_with_eot"),
     "perplexity": ("perplexity", "bits_per_byte", "loss"),
 }
 _SHOT_KINDS = ("classify", "multiple_choice")

@@ -466,6 +466,11 @@ class GPT(nn.Module):
     # ---- accounting -------------------------------------------------------------------
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
+        head = self._modules.get("lm_head")
+        if self.config.tie_embeddings and head is not None:
+            # a tied model's lm_head is a low-precision copy of the embedding (peft.store_frozen_in),
+            # not parameters of its own: bf16 runs counted the embedding twice (167.71M for 139.40M)
+            n -= head.weight.numel()
         if non_embedding:
             n -= self.embed_tokens.weight.numel()
             if self.config.pos_embedding == "learned":

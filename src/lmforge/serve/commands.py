@@ -20,7 +20,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
         help="OpenAI-compatible HTTP server with a web chat page",
         description="Serve a checkpoint (and LoRA adapters) over an OpenAI-compatible API: "
         "/v1/chat/completions, /v1/completions, /v1/models, /tokenize, /health, /metrics, and a chat page at /. "
-        "API keys come from --api-key-file and/or the LMFORGE_API_KEYS environment variable (comma-separated); "
+        "API keys come from --api-key, --api-key-file and/or the LMFORGE_API_KEYS environment variable (comma-separated); "
         "with none, the API is open.",
     )
     p.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its newest checkpoint)")
@@ -38,6 +38,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--max-seq-len", type=int, default=None, help="cap on prompt + completion tokens (default: the model's context)")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     s = p.add_argument_group("security and limits")
+    s.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                   help="an API key clients must present (repeatable; vLLM's flag). A key on the command line is "
+                   "visible to other users of the machine (ps): prefer --api-key-file or LMFORGE_API_KEYS there")
     s.add_argument("--api-key-file", default=None, help="file of API keys, one a line ('#' comments)")
     s.add_argument("--rate-limit", type=float, default=0.0, metavar="RPM", help="requests a minute per key (0: off)")
     s.add_argument("--rate-burst", type=int, default=None, help="requests at once per key (default: RPM/6)")
@@ -162,7 +165,7 @@ def run_serve(args: argparse.Namespace) -> None:
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port must be in 0..65535, got {args.port}")
     config = ServeConfig(
-        api_keys=ApiKeys.load(args.api_key_file),
+        api_keys=ApiKeys.load(args.api_key_file, keys_given=args.api_key),
         rate_limit=args.rate_limit,
         rate_burst=args.rate_burst,
         max_body_bytes=args.max_body_bytes,

@@ -288,7 +288,8 @@ def adapter_state_dict(model) -> dict[str, torch.Tensor]:
 
 
 def trainable_summary(model) -> dict[str, float]:
-    total = sum(p.numel() for p in model.parameters())
+    # num_params: a tied model's bf16 lm_head copy (store_frozen_in) is not counted twice
+    total = model.num_params() if hasattr(model, "num_params") else sum(p.numel() for p in model.parameters())
     quant_total = sum(b.numel() * (2 if b.dtype == torch.uint8 else 1) for n, b in model.named_buffers() if "weight_int" in n)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total += quant_total
