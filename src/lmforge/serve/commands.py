@@ -31,12 +31,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="serve a LoRA adapter on the base as model NAME (repeatable)")
     g = p.add_argument_group("engine")
     g.add_argument("--device", default="cpu")
-    g.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
+    g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="compute dtype (auto: see `lmforge env`)")
     g.add_argument("--quantize", choices=["none", "bf16", "int8", "int4"], default="none",
                    help="quantize the weights at load")
     g.add_argument("--max-batch-size", type=int, default=16, help="sequences decoded together per model (default 16)")
     g.add_argument("--max-seq-len", type=int, default=None, help="cap on prompt + completion tokens (default: the model's context)")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the usable cores, cgroup quota included)")
     s = p.add_argument_group("security and limits")
     s.add_argument("--api-key", action="append", default=[], metavar="KEY",
                    help="an API key clients must present (repeatable; vLLM's flag). A key on the command line is "
@@ -142,8 +143,8 @@ def build_models(args: argparse.Namespace):
             from ..model.quant import quantize_model
 
             quantize_model(model, quantize)
-        if dtype == torch.bfloat16:
-            model = model.to(torch.bfloat16)
+        if dtype != torch.float32:  # the base engine's compute dtype
+            model = model.to(dtype)
         eng = InferenceEngine(model, engine.tokenizer, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len)
         eng.checkpoint = engine.checkpoint
         models.append(ServedModel(name, eng, template, parent=base_name, source=str(path)))
@@ -180,12 +181,11 @@ def run_serve(args: argparse.Namespace) -> None:
         log_requests=args.log_requests,
         drain_timeout=args.drain_timeout,
     )
-    if args.threads is not None:
-        import torch
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads must be at least 1, got {args.threads}")
+    from ..hardware import use_threads
 
-        if args.threads < 1:
-            raise ConfigError(f"--threads must be at least 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    use_threads(args.threads)  # default: the usable cores (affinity and cgroup quota)
     models = build_models(args)
     app = create_app(models, config)
     setup_logging(args.log_level)

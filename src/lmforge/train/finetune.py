@@ -29,7 +29,7 @@ from .checkpoint import (
     resolve_checkpoint,
 )
 from .continual import ContinualConfig, describe, make_penalties, replay_sft_objective
-from .engine import Engine, TrainConfig
+from .engine import Engine, TrainConfig, autocast_dtype, resolve_train_precision
 from .objectives.classify import ClassifyConfig, ClassifyObjective
 from .objectives.dpo import DPOConfig, DPOObjective, reference_for
 from .objectives.sft import SFTConfig, SFTObjective
@@ -179,8 +179,9 @@ def run_finetune(cfg: FinetuneConfig, resume: bool = False) -> dict[str, Any]:
             peft = replace(peft, modules_to_save=[*peft.modules_to_save, "score"])
     apply_peft(model, peft, tokenizer=tokenizer, total_steps=cfg.train.max_steps, seed=cfg.train.seed)
     params = trainable_summary(model)
-    if peft.method != "none" and cfg.train.precision in ("bf16", "fp16"):
-        store_frozen_in(model, torch.bfloat16 if cfg.train.precision == "bf16" else torch.float16)
+    compute = autocast_dtype(resolve_train_precision(cfg.train))
+    if peft.method != "none" and compute is not None:  # the frozen base in the autocast dtype (bf16 only where fast)
+        store_frozen_in(model, compute)
     context = model.config.context_length - model.virtual_tokens
 
     if cfg.continual.replay_data and cfg.objective != "sft":

@@ -85,6 +85,11 @@ class RunLogger:
         self.bar.set_postfix(postfix, refresh=False)
         self.bar.refresh()
 
+    def set_total(self, total_steps: int) -> None:
+        """The run's length changed (a time budget planned it)."""
+        self.bar.total = total_steps
+        self.bar.refresh()
+
     def print(self, line: str) -> None:
         if self.enabled and self.cfg.console:
             tqdm.write(line)

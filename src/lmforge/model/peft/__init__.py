@@ -171,6 +171,11 @@ class PeftHandle:
         if self.allocator is not None:
             self.allocator.after_step(step)
 
+    def on_plan(self, total_steps: int) -> None:
+        """The run's length was set by a time budget: AdaLoRA's rank schedule follows it."""
+        if self.allocator is not None:
+            self.allocator.set_total_steps(total_steps, self.cfg.tinit_fraction, self.cfg.tfinal_fraction)
+
     def metrics(self) -> dict[str, float]:
         if self.allocator is None:
             return {}
