@@ -458,6 +458,11 @@ class Engine:
             torch.distributed.barrier()
         return path
 
+    def evaluate_before_training(self) -> dict[str, float]:
+        """The held-out metrics before the first step (fine-tuning's "before"), timed as the run's
+        evaluation cost when a time budget is set, so the budget does not run one more to plan."""
+        return self._timed(self.budget.observe_eval if self.budget is not None else None, self.evaluate)
+
     def evaluate(self) -> dict[str, float]:
         self.model.eval()
         try:
@@ -577,6 +582,7 @@ class Engine:
             tokens_total += step_tokens
             window_tokens += step_tokens
             train_time += time.perf_counter() - t0
+            logger.advance(self.step)
             if budget is not None:
                 planning_eval = self._budget_after_step(self._lap(), logger)
                 if planning_eval:

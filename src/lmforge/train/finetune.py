@@ -230,7 +230,7 @@ def run_finetune(cfg: FinetuneConfig, resume: bool = False) -> dict[str, Any]:
             f"{params['trainable_params']:,} trainable of {params['total_params']:,} parameters "
             f"({params['trainable_percent']:.3f}%); {len(train_ex)} train / {len(val_ex)} val examples"
         )
-    start_eval = engine.evaluate() if val_ex and engine.step == 0 else {}
+    start_eval = engine.evaluate_before_training() if val_ex and engine.step == 0 else {}
     t0 = time.perf_counter()
     result = engine.fit(report=False)  # the report card is written below, with this run's summary
     wall = time.perf_counter() - t0
