@@ -13,6 +13,7 @@ import argparse
 import json
 import tempfile
 from pathlib import Path
+from record import write_results  # noqa: E402  (benchmarks/record.py: the machine with every result)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,7 +71,7 @@ def main() -> None:
     print(f"\nfine-tuned - {few['setting']}: {gain:+.1f} macro-F1 points")
     out = Path(a.out or ROOT / f"benchmarks/results/classify_{task.name}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"task": task.name, "base": str(base), "rows": rows, "finetuned_minus_fewshot_f1_points": gain}, indent=2) + "\n")
+    write_results(out, {"task": task.name, "base": str(base), "rows": rows, "finetuned_minus_fewshot_f1_points": gain})
 
 
 if __name__ == "__main__":

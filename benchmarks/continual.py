@@ -20,6 +20,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from record import write_results  # noqa: E402  (benchmarks/record.py: the machine with every result)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -132,7 +133,7 @@ def main() -> None:
         "old_pretrain_wall_s": round(old_s, 1),
         "variants": results,
     }
-    (RESULTS / "continual.json").write_text(json.dumps(out, indent=2) + "\n")
+    write_results(RESULTS / "continual.json", out)
 
     import matplotlib
 

@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 import torch
+from record import write_results  # noqa: E402  (benchmarks/record.py: the machine with every result)
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "decode_speed.json"
@@ -265,7 +266,7 @@ def main() -> None:
         "raw": results,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    write_results(args.out, report)
     print(f"\nwrote {args.out}")
 
 

@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from record import write_results  # noqa: E402  (benchmarks/record.py: the machine with every result)
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -159,7 +160,7 @@ def main() -> None:
         "rounds": results,
     }
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(summary, indent=2) + "\n")
+    write_results(a.out, summary)
     print(f"lmforge / transformers+peft: {summary['speed_ratio']:.2f}x tokens/s, {summary['memory_ratio']:.2f}x peak RSS")
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from record import write_results  # noqa: E402  (benchmarks/record.py: the machine with every result)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -83,7 +84,7 @@ def main() -> None:
         "results": {kind: {name: [{k: row[k] for k in ("rate", "accuracy", "macro_f1")} for row in r["rows"]]
                            for name, r in by_model.items()} for kind, by_model in results.items()},
     }
-    (RESULTS / "robustness.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_results(RESULTS / "robustness.json", summary)
     print(json.dumps(summary["results"], indent=2))
 
 

@@ -309,3 +309,35 @@ def test_env_measures_this_machine(capsys) -> None:
     assert caps["torch_capability"] == torch.backends.cpu.get_cpu_capability()
     assert caps["rates"]["fp32"] > 0 and caps["cores"] >= 1
     assert out["capabilities"]["line"] == hardware.probe().line()
+
+
+def test_load_watcher_leaves_busy_cores_to_other_processes(monkeypatch) -> None:
+    """2 usable cores; in each 10 s window the machine's CPUs are busy for `busy` CPU-seconds,
+    this process for `own`: the threads are the cores the others leave free (at least 1)."""
+    monkeypatch.delenv("LMFORGE_THREADS", raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    clock = {"busy": 0.0, "total": 0.0, "own": 0.0}
+
+    def window(busy: float, own: float) -> None:  # 10 s on 2 CPUs
+        clock["busy"] += busy
+        clock["total"] += 20.0
+        clock["own"] += own
+
+    monkeypatch.setattr(hardware, "_cpu_times", lambda: (clock["busy"], clock["total"], clock["own"], 2))
+    caps = replace(MACHINES["avx2"], cores=2)
+    w = hardware.LoadWatcher(0, caps)
+    window(busy=20.0, own=10.0)  # another process holds a core: one thread
+    assert w.threads() == 1
+    window(busy=20.0, own=10.0)  # still there (our one thread uses the other core)
+    assert w.threads() == 1
+    window(busy=10.0, own=10.0)  # gone: both cores
+    assert w.threads() == 2
+    window(busy=17.0, own=14.0)  # a light job (0.3 of a core): keep both
+    assert w.threads() == 2
+    window(busy=20.0, own=0.0)  # two busy processes on two cores: still one thread, never zero
+    assert w.threads() == 1
+    assert hardware.LoadWatcher(2, caps).fixed and hardware.LoadWatcher(2, caps).threads() == 2
+    monkeypatch.setenv("LMFORGE_THREADS", "2")
+    fixed = hardware.LoadWatcher(0, caps)
+    window(busy=20.0, own=0.0)
+    assert fixed.fixed and fixed.threads() == 2

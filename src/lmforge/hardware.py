@@ -640,6 +640,63 @@ def cpu_threads(requested: int | None = 0, *, caps: Capabilities | None = None,
     return max(1, cores // local_world_size)
 
 
+def _cpu_times() -> tuple[float, float, float, int] | None:
+    """(busy seconds of all CPUs, total seconds of all CPUs, this process's CPU seconds, CPUs
+    counted) from /proc/stat and os.times(); None where /proc/stat is missing."""
+    text = _read("/proc/stat")
+    if not text:
+        return None
+    lines = text.splitlines()
+    fields = [float(x) for x in lines[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
+    hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    cpus = sum(1 for line in lines[1:] if line.startswith("cpu"))
+    own = os.times()
+    total = sum(fields[:8])
+    return (total - idle) / hz, total / hz, own.user + own.system, max(1, cpus)
+
+
+class LoadWatcher:
+    """Threads for a process on a machine other processes may also be using.
+
+    With libgomp (PyTorch's CPU wheels), every parallel region ends at a barrier that waits
+    for all its threads; a thread that shares its core with another busy process is scheduled
+    a fraction of the time, so each small op waits for the scheduler (BENCHMARKS.md,
+    "Threads on a busy machine"). The watcher measures the CPUs other processes used since
+    its last look (all CPUs' busy time from /proc/stat minus this process's own) and gives
+    the threads that leave them their cores: ``usable cores - others`` rounded, at least 1, at
+    most the automatic choice of :func:`cpu_threads`. A fixed request (train.threads,
+    ``LMFORGE_THREADS``) is left alone."""
+
+    def __init__(self, requested: int | None = 0, caps: Capabilities | None = None) -> None:
+        self.caps = caps or probe()
+        self.requested = requested
+        self.limit = cpu_threads(requested, caps=self.caps)
+        self.fixed = bool(requested) or bool(os.environ.get("LMFORGE_THREADS"))
+        self._last = _cpu_times()
+
+    def others(self) -> float | None:
+        """CPUs busy with other processes since the last call (None without /proc/stat, or
+        when no time passed)."""
+        now = _cpu_times()
+        last, self._last = self._last, now
+        if now is None or last is None or now[1] <= last[1]:
+            return None
+        cpus = now[3]
+        busy = (now[0] - last[0]) / (now[1] - last[1]) * cpus  # CPUs busy, all processes
+        return max(0.0, busy - (now[2] - last[2]) / ((now[1] - last[1]) / cpus))
+
+    def threads(self) -> int:
+        """The threads to use now."""
+        if self.fixed:
+            return self.limit
+        others = self.others()
+        if others is None:
+            return self.limit
+        free = self.caps.cores - others
+        return max(1, min(self.limit, int(math.floor(free + 0.5))))
+
+
 def use_threads(requested: int | None = 0) -> int:
     """Set torch's CPU threads to :func:`cpu_threads` of ``requested`` (0/None: automatic)."""
     n = cpu_threads(requested)

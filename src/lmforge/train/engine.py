@@ -53,6 +53,10 @@ from .tracking import LogConfig, RunLogger
 #: metrics.jsonl), which a time budget keeps in reserve: measured 0.91-1.01 s for 1,667 metric
 #: rows on the 2-core Xeon VM, natively and under the AVX2 emulation.
 REPORT_S = 1.0
+#: How long the engine looks at the machine's load before its first step, and how often (in
+#: seconds of training) it looks again to set its threads (hardware.LoadWatcher).
+LOAD_SAMPLE_S = 0.25
+LOAD_CHECK_S = 10.0
 
 
 @dataclass
@@ -195,8 +199,13 @@ class Engine:
         probe = "cuda" if cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
         self.dist = init_distributed(probe)
         self.device = resolve_device(cfg.device, self.dist)
-        if self.device.type == "cpu":  # usable cores (affinity, cgroup quota) split over torchrun's processes
-            torch.set_num_threads(hardware.cpu_threads(cfg.threads))
+        self.threads: hardware.LoadWatcher | None = None
+        if self.device.type == "cpu":  # usable cores (affinity, cgroup quota) split over torchrun's processes,
+            # fewer while other processes keep cores busy (hardware.LoadWatcher)
+            self.threads = hardware.LoadWatcher(cfg.threads)
+            if not self.threads.fixed and self.threads.limit > 1:
+                time.sleep(LOAD_SAMPLE_S)  # a first look at the machine's load before the first step
+            torch.set_num_threads(self.threads.threads())
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True)
         self.precision = hardware.resolve_precision(cfg.precision, self.device)
@@ -205,6 +214,8 @@ class Engine:
         self.model = model.to(self.device)
         self.sharded = self.dist.enabled and cfg.parallel == "fsdp"
         if self.sharded:
+            if self.precision == "fp16" and cfg.precision == "auto":  # a GPU without bf16: FSDP runs fp32
+                self.precision, self.amp_dtype = "fp32", None
             if self.precision == "fp16":
                 raise ConfigError("train.parallel=fsdp does not support train.precision=fp16 (the loss scaler's "
                                   "overflow check would see one shard per process); use bf16")
@@ -538,6 +549,7 @@ class Engine:
         self.model.train()
         if budget is not None:
             self._lap()  # setup since the engine's creation counts in the budget, not as a step
+        load_checked = time.perf_counter()
         while self.step < self.max_steps:
             t0 = time.perf_counter()
             lr_mult = self._lr_mult(self.step)
@@ -583,6 +595,15 @@ class Engine:
             window_tokens += step_tokens
             train_time += time.perf_counter() - t0
             logger.advance(self.step)
+            watcher = self.threads
+            if watcher is not None and not watcher.fixed and time.perf_counter() - load_checked >= LOAD_CHECK_S:
+                load_checked = time.perf_counter()
+                n = watcher.threads()  # each process for itself: no collective at a time-based point
+                if n != torch.get_num_threads():
+                    logger.print(f"step {self.step}: {n} CPU thread(s): other processes keep "
+                                 f"{watcher.caps.cores - n} of {watcher.caps.cores} cores busy" if n < watcher.limit
+                                 else f"step {self.step}: {n} CPU threads: the other processes' load is gone")
+                    torch.set_num_threads(n)
             if budget is not None:
                 planning_eval = self._budget_after_step(self._lap(), logger)
                 if planning_eval:
