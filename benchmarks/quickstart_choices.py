@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+from record import machine  # noqa: E402  (benchmarks/record.py: the machine with every result)
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "quickstart_choices.json"
 VARIANTS = {
@@ -92,6 +94,7 @@ def main() -> None:
         "after": {k: m[k] for k in ("loss", "identical_replies", "ended_with_eot", "reply_tokens_mean", "distinct_2")},
         "loss_reduction": 1 - m["loss"] / info["before"]["loss"],
     }
+    record["machine_record"] = machine()  # each row its own machine: the variants run at different times
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else []
     results = [r for r in results if not (r["variant"] == args.variant and r["tag"] == args.tag)] + [record]
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")

@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from record import write_results  # noqa: E402  (benchmarks/record.py: the machine with every result)
+
 ROOT = Path(__file__).resolve().parents[1]
 ISSUE_MESSAGES = ["Hello! I want to find a good Italian restaurant in San Francisco.", "For 2 people at 7 pm, please.",
                   "Thanks! What is the address?"]
@@ -108,8 +110,8 @@ def main() -> None:
         "issue_conversation": replies, "server_exit": proc.returncode,
     }
     out = ROOT / "benchmarks" / "results" / f"quickstart_time{'' if args.tag == 'native' else '_' + args.tag}.json"
-    out.write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(record, indent=2))
+    write_results(out, record)
 
 
 if __name__ == "__main__":
