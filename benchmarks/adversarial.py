@@ -20,6 +20,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from record import write_results  # noqa: E402  (benchmarks/record.py: the machine with every result)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -102,13 +103,13 @@ def run_adversarial_benchmark(work: Path, base_s: float, overrides: list[str], o
         "note": "2 shared CPU cores, other jobs running: wall times are indicative only",
     }
     out_json.parent.mkdir(parents=True, exist_ok=True)
-    out_json.write_text(json.dumps(result, indent=2) + "\n")
+    write_results(out_json, result)
     print(json.dumps({k: result[k] for k in ("before", "after", "held_out_nll_change", "target")}, indent=2))
     return result
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="runs/adv-bench")
     ap.add_argument("--skip-base", action="store_true", help="reuse WORK/strong/sft and WORK/weak/sft from an earlier run")
     ap.add_argument("--base-only", action="store_true", help="build the two chat models and stop")

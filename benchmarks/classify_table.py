@@ -13,12 +13,13 @@ import argparse
 import json
 import tempfile
 from pathlib import Path
+from record import write_results  # noqa: E402  (benchmarks/record.py: the machine with every result)
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", required=True)
     ap.add_argument("--task", default="sgd-domain")
     ap.add_argument("--shots", type=int, default=5)
@@ -70,7 +71,7 @@ def main() -> None:
     print(f"\nfine-tuned - {few['setting']}: {gain:+.1f} macro-F1 points")
     out = Path(a.out or ROOT / f"benchmarks/results/classify_{task.name}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"task": task.name, "base": str(base), "rows": rows, "finetuned_minus_fewshot_f1_points": gain}, indent=2) + "\n")
+    write_results(out, {"task": task.name, "base": str(base), "rows": rows, "finetuned_minus_fewshot_f1_points": gain})
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ import time
 from pathlib import Path
 
 import torch
+from record import write_results  # noqa: E402  (benchmarks/record.py: the machine with every result)
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "compress.json"
@@ -79,7 +80,7 @@ def quantile(values: list[float], q: float) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default="runs/compress/base", help="trained checkpoint or run directory")
     ap.add_argument("--data", default="runs/shakespeare-char/data", help="its prepared shards (train: calibration "
                     "and recovery; val: evaluation)")
@@ -197,7 +198,7 @@ def main() -> None:
         "wall_s": time.perf_counter() - t0,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_results(args.out, result)
 
     print("\n| variant | params | size (MiB) | val loss | ppl | loss vs base | decode tok/s | speed vs base |")
     print("|---|---|---|---|---|---|---|---|")

@@ -20,6 +20,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from record import write_results  # noqa: E402  (benchmarks/record.py: the machine with every result)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -41,7 +42,7 @@ def read_evals(run: Path) -> list[dict]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     ap.add_argument("--work", default="runs/bench-continual")
     ap.add_argument("--old-steps", type=int, default=600)
     ap.add_argument("--new-steps", type=int, default=300)
@@ -132,7 +133,7 @@ def main() -> None:
         "old_pretrain_wall_s": round(old_s, 1),
         "variants": results,
     }
-    (RESULTS / "continual.json").write_text(json.dumps(out, indent=2) + "\n")
+    write_results(RESULTS / "continual.json", out)
 
     import matplotlib
 

@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 import torch
+from record import write_results  # noqa: E402  (benchmarks/record.py: the machine with every result)
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "decode_speed.json"
@@ -158,7 +159,7 @@ def peak_rss_mib(ckpt: Path, dtype: str, quant: str | None, threads: int) -> flo
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=128, help="new tokens per run")
     ap.add_argument("--prompt-tokens", type=int, default=256)
@@ -265,7 +266,7 @@ def main() -> None:
         "raw": results,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    write_results(args.out, report)
     print(f"\nwrote {args.out}")
 
 

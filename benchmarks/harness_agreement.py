@@ -21,6 +21,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from record import write_results  # noqa: E402  (benchmarks/record.py: the machine with every result)
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data" / "finetune" / "sgd_next_utterance_test.jsonl"
@@ -59,7 +60,7 @@ def run(model, manager, limit, model_args=None):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("--limit", type=int, default=None, help="first N documents (default all 100)")
     ap.add_argument("--batch-size", type=int, default=8)
@@ -115,7 +116,7 @@ def main() -> None:
         "note": "seconds measured on a shared 2-core machine with other jobs running: not a speed comparison",
     }
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    write_results(a.out, result)
     print(json.dumps(result, indent=2))
 
 

@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from record import write_results  # noqa: E402  (benchmarks/record.py: the machine with every result)
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -118,7 +119,7 @@ def worker(side: str, base: str, hf_dir: str, steps: int, warmup: int, batch: in
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", required=True)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=2)
@@ -159,7 +160,7 @@ def main() -> None:
         "rounds": results,
     }
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(summary, indent=2) + "\n")
+    write_results(a.out, summary)
     print(f"lmforge / transformers+peft: {summary['speed_ratio']:.2f}x tokens/s, {summary['memory_ratio']:.2f}x peak RSS")
 
 

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from record import write_results  # noqa: E402  (benchmarks/record.py: the machine with every result)
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = {
@@ -32,7 +33,7 @@ METHODS = {
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", required=True)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--max-length", type=int, default=256)
@@ -68,7 +69,7 @@ def main() -> None:
                   f"{row['val_loss_after']:.4f} ({row['change_percent']:+.1f}%)  {row['tokens_per_s']:7.1f} tok/s  "
                   f"peak RSS {row['peak_rss_mib']:6.0f} MiB  {row['wall_s']:.0f} s", flush=True)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps({"settings": vars(a), "rows": rows}, indent=2) + "\n")
+    write_results(a.out, {"settings": vars(a), "rows": rows})
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from record import write_results  # noqa: E402  (benchmarks/record.py: the machine with every result)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,7 +56,7 @@ def transformers_perplexity(model, ids: torch.Tensor, max_length: int, stride: i
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     ap.add_argument("checkpoint")
     ap.add_argument("--text", default=str(ROOT / "data" / "tinyshakespeare.txt"))
     ap.add_argument("--span", type=float, nargs=2, default=(0.9, 1.0), help="fractions of the text's characters")
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps(result, indent=2))
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_results(a.out, result)
     return 0
 
 

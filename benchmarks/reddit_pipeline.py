@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 import psutil
+from record import write_results  # noqa: E402  (benchmarks/record.py: the machine with every result)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -104,7 +105,7 @@ def measure(settings: dict) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     ap.add_argument("--formats", nargs="+", default=["zst", "ndjson"], choices=["zst", "ndjson"])
     ap.add_argument("--num-proc", type=int, default=2)
@@ -114,7 +115,6 @@ def main() -> None:
     args = ap.parse_args()
 
     from lmforge.data.reddit_synth import SynthRedditConfig, synth_reddit
-    from lmforge.fileio import atomic_write_json
 
     rows = []
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
@@ -144,13 +144,13 @@ def main() -> None:
     result = {
         "benchmark": "reddit_pipeline",
         "date": time.strftime("%Y-%m-%d %H:%M"),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "python": platform.python_version(),
         "load_average_at_end": os.getloadavg(),
         "mode": args.mode,
         "runs": rows,
         "memory_ratio_largest_over_smallest": ratios,
     }
-    atomic_write_json(args.out, result)
+    write_results(args.out, result)
     print(f"ratios (largest / smallest size): {json.dumps(ratios)}\nwrote {args.out}")
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from record import write_results  # noqa: E402  (benchmarks/record.py: the machine with every result)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -30,7 +31,7 @@ LABELS = ["Alarm", "Buses", "Events", "Flights", "Homes", "Hotels", "Media", "Mo
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     ap.add_argument("--base", default="runs/bench-continual/new-none")
     ap.add_argument("--work", default="runs/bench-robustness")
     ap.add_argument("--steps", type=int, default=300)
@@ -83,7 +84,7 @@ def main() -> None:
         "results": {kind: {name: [{k: row[k] for k in ("rate", "accuracy", "macro_f1")} for row in r["rows"]]
                            for name, r in by_model.items()} for kind, by_model in results.items()},
     }
-    (RESULTS / "robustness.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_results(RESULTS / "robustness.json", summary)
     print(json.dumps(summary["results"], indent=2))
 
 

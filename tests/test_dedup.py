@@ -99,6 +99,19 @@ def test_stage_on_conversations_and_text(tmp_path):
         run_dedup(DedupConfig(inputs=[str(src)], out=str(out), threshold=0), verbose=False)
 
 
+def test_against_drops_records_repeating_another_split(tmp_path):
+    text = " ".join(f"word{i}" for i in range(60))
+    train, val = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
+    train.write_text(json.dumps({"text": text}) + "\n" + json.dumps({"text": "kept in train"}) + "\n")
+    rows = [{"text": text.upper()}, {"text": text.replace("word7", "seven")}, {"text": "only in val"}]
+    val.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "val.dedup.jsonl"
+    report = run_dedup(DedupConfig(inputs=[str(val)], against=[str(train)], out=str(out)), verbose=False)
+    assert report["stats"] == {"seen": 3, "kept": 1, "rejected": {"duplicate": 1, "near_duplicate": 1}}
+    assert report["against"] == {"files": [str(train)], "remembered": 2}
+    assert [json.loads(x) for x in out.read_text().splitlines()] == [rows[2]]  # train's records are not written
+
+
 def test_missing_datasketch_is_a_clear_error(monkeypatch):
     import builtins
 

@@ -347,3 +347,19 @@ def test_chat_option_picks_the_template(llama) -> None:
     assert load_for_eval(str(ckpt), EvalOptions(chat="auto")).chat_template is not None
     assert load_for_eval(str(ckpt), EvalOptions(chat="on")).chat_template is not None
     assert load_for_eval(str(ckpt), EvalOptions()).chat_template is None  # off by default, as lm-eval
+
+
+def test_reply_metrics_count_identical_replies_and_turn_endings() -> None:
+    """The quickstart's first chatbot answered three different requests with one question: the
+    share of identical replies catches it; the share ending with the end-of-turn token catches
+    a model that never stops (cut at max_tokens instead)."""
+    from lmforge.eval.chat import identical_reply_share, reply_metrics
+
+    def r(reply: str, finish: str = "stop") -> dict:
+        return {"reply": reply, "reference": "a human reply", "reply_tokens": 5, "reference_tokens": 3,
+                "finish_reason": finish}
+
+    same = "What kind of food are you looking for?"
+    m = reply_metrics([r(same), r(same.lower() + " "), r("Sure, at 7 pm."), r("Bye", "length")])
+    assert m["identical_replies"] == 0.5 and m["ended_with_eot"] == 0.75 and m["cut_at_max_tokens"] == 0.25
+    assert identical_reply_share(["a", "b", "c"]) == 0.0 and identical_reply_share(["x", "x"]) == 1.0

@@ -180,3 +180,22 @@ def test_lora_finetune_resumes_exactly_from_an_adapter_checkpoint(base, tmp_path
     a = load_file(str(resolve_checkpoint(straight) / "adapter_model.safetensors"))
     b = load_file(str(resolve_checkpoint(resumed) / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_evaluation_before_training_shows_progress_and_counts_in_the_time_budget(base, tmp_path, capfd):
+    """The held-out evaluation before fine-tuning showed no progress (tens of seconds on SmolLM2);
+    with train.max_minutes its time is the budget's measured evaluation cost (no second one to plan)."""
+    from lmforge.train import engine as engine_mod
+
+    data = _write_jsonl(tmp_path / "train.jsonl", _conversations(32, 0))
+    val = _write_jsonl(tmp_path / "val.jsonl", _conversations(24, 1))
+    calls = []
+    real = engine_mod.Engine.evaluate
+    engine_mod.Engine.evaluate = lambda self: calls.append(self.step) or real(self)
+    try:
+        summary = _run(base, tmp_path / "run", f"data.train=[{data}]", f"data.val=[{val}]", "sft.eval_batch_size=2",
+                       "train.max_steps=40", "train.max_minutes=1", "train.eval_interval=0", "log.console=true")
+    finally:
+        engine_mod.Engine.evaluate = real
+    assert "eval:" in capfd.readouterr().err  # the bar of the evaluation before training
+    assert calls == [0, 40] and summary["before"] and summary["after"]  # before training and at the end only

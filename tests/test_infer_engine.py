@@ -421,3 +421,32 @@ def test_extreme_but_valid_sampling_settings_do_not_break_a_batch(tiny_checkpoin
     assert outs[2].token_ids == greedy  # top_p that small keeps only the likeliest token
     with pytest.raises(ConfigError, match="repetition_penalty"):
         SamplingParams(repetition_penalty=1e-300).validate()
+
+
+def test_chat_banner_names_the_checkpoint_and_an_adapter(tiny_data: Path, tmp_path: Path) -> None:
+    """`lmforge chat` on an adapter run said "chatting with 30-layer model" without naming the adapter."""
+    import io
+
+    from conftest import save_tiny_llama
+
+    from lmforge.infer.chat import ChatSession, repl
+    from lmforge.tokenizer.chat import ChatTemplate
+    from lmforge.infer.engine import load_engine
+    from lmforge.model.peft import PeftConfig, apply_peft
+    from lmforge.train.checkpoint import load_model, save_checkpoint
+
+    base = save_tiny_llama(tiny_data, tmp_path / "base", context_length=64, init_std=0.05)
+    model, _ = load_model(base)
+    apply_peft(model, PeftConfig(method="lora", r=2))
+    adapter = save_checkpoint(tmp_path / "adapter", model, base / "tokenizer.json", base_checkpoint=base)
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    for ckpt, want in ((adapter, f"{adapter}: a lora adapter over the base {base.resolve()} (2 layers x 32)"),
+                       (base, f"{base} (2 layers x 32)")):
+        engine = load_engine(str(ckpt))
+        out = io.StringIO()
+        repl(ChatSession(engine, ChatTemplate.from_checkpoint(engine.checkpoint)), inp=Tty("/quit\n"), out=out)
+        assert out.getvalue().startswith(f"chatting with {want}; "), out.getvalue()

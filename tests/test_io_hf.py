@@ -217,3 +217,26 @@ def test_cli_import_sample_export(tmp_path: Path, tok: Path, capsys) -> None:
     ids = torch.tensor([Tokenizer.from_file(tok).encode("the quick brown fox")])
     with torch.no_grad():
         torch.testing.assert_close(back(ids).logits, hf_model("llama_gqa_untied", vocab_of(tok))(ids).logits, atol=1e-4, rtol=0)
+
+
+def test_imported_and_saved_files_get_the_usual_mode(tmp_path: Path, tok: Path) -> None:
+    """safetensors writes its files 0600 (a private temporary file renamed): an imported
+    model.safetensors was unreadable to others while config.json beside it was 0644."""
+    import os
+    import stat
+
+    from lmforge.cli import main
+
+    probe = tmp_path / "probe"
+    probe.write_text("x")
+    usual = stat.S_IMODE(probe.stat().st_mode)
+    src = hf_dir(tmp_path, hf_model("llama_tied", vocab_of(tok)), tok)
+    ckpt = tmp_path / "ckpt"
+    assert main(["import", str(src), str(ckpt)]) == 0
+    exported = tmp_path / "exported"
+    assert main(["export", str(ckpt), "--format", "hf", str(exported)]) == 0
+    files = [f for d in (ckpt, exported) for f in d.iterdir() if f.is_file()]
+    assert any(f.name == "model.safetensors" for f in files)
+    modes = {f.name: stat.S_IMODE(os.stat(f).st_mode) for f in files}
+    assert set(modes.values()) == {usual}, modes
+

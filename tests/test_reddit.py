@@ -9,6 +9,7 @@ from pathlib import Path
 import orjson
 import pytest
 import zstandard
+from conftest import save_tiny_llama
 
 from lmforge.cli import main
 from lmforge.data.conversations import (
@@ -268,7 +269,7 @@ def test_bad_inputs_are_one_clear_error(tmp_path):
         run_reddit(RedditConfig(inputs=[str(only_bad)], out=str(tmp_path / "o"), num_proc=1), verbose=False)
 
 
-def test_cli_synth_then_reddit(tmp_path, capsys):
+def test_cli_synth_then_reddit(tmp_path, capsys, tiny_data):
     dump = tmp_path / "dump"
     assert main(["data", "synth-reddit", f"out={dump}", "comments=300", "plain=true"]) == 0
     assert (dump / "RC_2020-01.ndjson").exists()
@@ -278,6 +279,12 @@ def test_cli_synth_then_reddit(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "conversations:" in printed and "train" in printed
     assert (out / "train.jsonl").exists() and (out / "stats.json").exists()
+    # the printed next step chains the output into fine-tuning as it is (no path to compose)
+    hint = next(line for line in printed.splitlines() if "lmforge finetune" in line).split("lmforge ", 2)[2]
+    base = save_tiny_llama(tiny_data, tmp_path / "base", context_length=256, init_std=0.05)
+    argv = [a.replace("CKPT", str(base)) for a in hint.split()]
+    assert main([*argv, "--preview", "1"]) == 0
+    assert "--- example 1 of" in capsys.readouterr().out
     code = main(["data", "reddit", f"inputs=[{dump}]", "min_chars=9", "max_chars=3"])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and "Traceback" not in err and len(err.splitlines()) == 1

@@ -1,5 +1,5 @@
 """Report cards (`lmforge.eval.report`): report.md with relative links to real PNGs, written by
-every training run (pretrain via quickstart, finetune with its confusion matrix)."""
+every training run (pretrain, finetune with its confusion matrix; the quickstart's: tests/test_quickstart.py)."""
 
 from __future__ import annotations
 
@@ -149,37 +149,23 @@ def test_report_without_data_and_with_a_failing_plot(tmp_path: Path, monkeypatch
     assert "val_accuracy (step 40)" in report.read_text()  # no summary given: the last logged values
 
 
-# ------------------------------------------------------------------- acceptance: quickstart
-def test_quickstart_ends_with_a_report_card(tmp_path: Path, capsys) -> None:
-    """The whole pipeline (tiny sizes): corpus, BPE, pretrain, chat SFT, eval, report card."""
-    out = tmp_path / "qs"
-    sft = ["train.max_steps=3", "train.eval_interval=0", "sft.max_length=128", "data.max_val_records=4",
-           "train.threads=1", "log.console=false", "log.tensorboard=false"]
-    argv = ["quickstart", "--out", str(out), "--no-serve", "--vocab-size", "512", "--eval-limit", "4",
-            *[a for x in sft for a in ("--sft", x)],
-            *TINY_PRETRAIN, "model.context_length=128", "train.max_steps=12", "train.eval_interval=6"]
-    assert main(argv) == 0
-    printed = capsys.readouterr().out
-    report = out / "report.md"
-    assert f"  {report}" in printed and "pipeline done in" in printed
-    text = report.read_text()
-    assert text.startswith("# lmforge quickstart: a chatbot from scratch")
-    for stage in ("| data |", "| tokenizer |", "| pretrain |", "| sft |", "| eval |"):
-        assert stage in text, stage
-    for section in ("## Eval: tinyshakespeare", "## Eval: sgd-chat", "## Eval: sgd-next-utterance", "**assistant:**"):
-        assert section in text, section
-    assert "(pretrain/report.md)" in text and (out / "pretrain" / "report.md").is_file()
-    links = image_links(report)
-    assert {"pretrain/plots/loss.png", "chat/plots/loss.png", "eval/sgd-chat/compare.png"} <= set(links), links
-    assert_real_image(links["pretrain/plots/loss.png"], px(report_mod.LOSS_SIZE))
-    assert_real_image(links["chat/plots/loss.png"], px(report_mod.LOSS_SIZE))
-    assert all(path.is_file() and path.stat().st_size > 0 for path in links.values())
-    # the pretraining stage's own card: loss and learning-rate plots of the expected size
-    stage = out / "pretrain" / "report.md"
-    assert stage.read_text().startswith("# Pretraining run pretrain (2 layers x 32")
-    stage_links = image_links(stage)
-    assert_real_image(stage_links["plots/lr.png"], px(report_mod.LR_SIZE))
-    assert "optimizer: muon" in stage.read_text()  # the recipe's config
+def test_val_loss_below_train_loss_is_explained(tmp_path: Path) -> None:
+    """A card that shows the held-out loss ending below the training loss says why (and one
+    whose val stays above says nothing)."""
+    def card(val: float) -> str:
+        run = tmp_path / f"run{val}"
+        run.mkdir()
+        rows = [{"step": s, "kind": "train", "loss": 2.0 - 0.01 * s} for s in (5, 10, 15, 20)]
+        rows.append({"step": 20, "kind": "eval", "val_loss": val})
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return write_report(run, title="t", metrics_file=run / "metrics.jsonl",
+                            config={"peft": {"method": "lora", "dropout": 0.05}, "model": {"dropout": 0.0}}).read_text()
+
+    below = card(1.5)
+    assert "Why the val loss (1.5000) is below the train loss (1.8000)" in below
+    assert "mean over the 5 step(s) before it" in below and "peft.dropout=0.05" in below
+    assert "model.dropout" not in below.split("Why the val loss")[1].split("\n")[0]
+    assert "Why the val loss" not in card(1.9)
 
 
 # ---------------------------------------------------------------- finetune: classification

@@ -6,19 +6,17 @@ Skipped when Playwright or a Chromium binary is missing."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import launch_chromium, needs_chromium
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 sync_api = pytest.importorskip("playwright.sync_api")
 
-CHROMIUM = os.environ.get("LMFORGE_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary (apt-get install chromium)")
+pytestmark = needs_chromium
 
 
 @pytest.fixture(scope="module")
@@ -54,11 +52,7 @@ def page_server(tiny_data: Path, tmp_path_factory):
 def test_chat_page_streams_a_reply(page_server, tmp_path):
     sent = []
     with sync_api.sync_playwright() as pw:
-        try:
-            browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                         args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
-        except Exception as e:  # noqa: BLE001 - a browser that cannot start here is an environment matter
-            pytest.skip(f"chromium does not start: {e}")
+        browser = launch_chromium(pw)
         try:
             page = browser.new_page(viewport={"width": 1100, "height": 700})
             errors = []

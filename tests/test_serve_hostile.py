@@ -79,6 +79,34 @@ def test_key_sources(tmp_path):
         ApiKeys(["short"])
     assert bearer_token("Bearer  abc ") == "abc" and bearer_token("bearer abc") == "abc"
     assert bearer_token("Token abc") is None and bearer_token("Bearer ") is None
+    given = ApiKeys.load(None, env={}, keys_given=["sk-flag-key-0001"])
+    assert len(given) == 1 and given.check("sk-flag-key-0001") == "key-0"
+
+
+def test_api_key_flag_and_no_prefix_matching(tmp_path, capsys):
+    """`lmforge serve CKPT --api-key sk-...` (vLLM's flag) was taken by argparse's prefix
+    matching as --api-key-file and failed with "API key file not found: sk-..."."""
+    import argparse
+
+    from lmforge.cli import build_parser, main
+
+    args = build_parser().parse_args(["serve", "ckpt", "--api-key", "sk-team-key-0001", "--api-key", "sk-team-key-0002"])
+    assert args.api_key == ["sk-team-key-0001", "sk-team-key-0002"] and args.api_key_file is None
+    # abbreviations are refused everywhere, not silently expanded
+    for argv, flag in ((["serve", "ckpt", "--api-key-f", "keys.txt"], "--api-key-f"), (["quickstart", "--no-ser"], "--no-ser")):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2 and f"unrecognized arguments: {flag}" in capsys.readouterr().err
+
+    def parsers(p):
+        yield p
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    yield from parsers(sub)
+
+    every = list(parsers(build_parser()))
+    assert len(every) > 20 and all(not p.allow_abbrev for p in every)
 
 
 def test_body_limits(srv):

@@ -144,6 +144,12 @@ def build(dev_path: Path, test_path: Path, topical_path: Path, out: Path) -> dic
         write_jsonl(out / f"topicalchat_sentiment_{split}.jsonl", rows)
         counts[f"topicalchat_sentiment_{split}.jsonl"] = len(rows)
         counts[f"topical_{split}_conversations"] = len(split_ids[split])
+        # the same conversations as chat (the split by conversation above, so no conversation is
+        # in both): agent_1 -> user, agent_2 -> assistant, a trailing user turn dropped
+        chats = [c for c in (topical_messages(topical[cid]["content"]) for cid in split_ids[split]) if c]
+        name = f"topicalchat_chat_{'val' if split == 'test' else 'train'}.jsonl"
+        write_jsonl(out / name, chats)
+        counts[name] = len(chats)
 
     # ---- preferences: the true next assistant turn over one from another domain's dialogue
     turn_count = Counter(m["content"].strip() for d in dev for m in d["messages"] if m["role"] == "assistant")
@@ -204,6 +210,28 @@ def build(dev_path: Path, test_path: Path, topical_path: Path, out: Path) -> dic
     counts["sgd_preferences_train.jsonl"] = len(prefs[:N_PREF_TRAIN])
     counts["sgd_preferences_test.jsonl"] = len(prefs[N_PREF_TRAIN:])
     return counts
+
+
+def topical_messages(content: list[dict]) -> dict | None:
+    """A Topical-Chat conversation as ``{"messages"}``: turns stripped, empty ones dropped, a
+    speaker's consecutive turns joined by a newline; roles alternate from user (agent_1) and
+    end with the assistant (a trailing agent_1 turn is dropped). None below two turns."""
+    turns: list[tuple[str, str]] = []
+    for m in content:
+        text = m["message"].strip()
+        if not text:
+            continue
+        if turns and turns[-1][0] == m["agent"]:
+            turns[-1] = (m["agent"], turns[-1][1] + "\n" + text)
+        else:
+            turns.append((m["agent"], text))
+    while turns and turns[0][0] != "agent_1":
+        turns.pop(0)
+    if len(turns) % 2:
+        turns.pop()
+    if len(turns) < 2:
+        return None
+    return {"messages": [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, (_, t) in enumerate(turns)]}
 
 
 def next_utterance_items(rows: list[dict], specific, r: random.Random, limit: int) -> list[dict]:

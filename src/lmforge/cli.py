@@ -42,6 +42,8 @@ STAGES = """stages, in the order of a model's life:
                     optionally with recovery fine-tuning
   serve             OpenAI-compatible HTTP server (chat, completions, metrics) with a web chat page
   presets           list the named model shapes
+  env               this machine (CPU, ISA, cores, memory, GPUs, measured GEMM rates) and the precision,
+                    kernels and threads lmforge picks on it, and why
 """
 
 
@@ -88,12 +90,29 @@ def _stage_parser(sub, name: str, stage: str, cls: type, help_: str, extra: Call
     return p
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse without prefix matching: ``--api-key sk-...`` was silently taken as
+    ``--api-key-file sk-...``. Every subcommand's parser is of this class (argparse builds
+    subparsers with the class of their parent)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
+def _finetune_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--resume", action="store_true", help="continue from out_dir's newest checkpoint")
+    p.add_argument("--preview", type=int, default=None, metavar="N",
+                   help="print N training examples as the model sees them (chat template, tokens, loss-carrying "
+                   "tokens marked, end-of-turn check) and stop without training")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .data.prepare import DataPrepareConfig
     from .tokenizer.train import TokenizerTrainConfig
     from .train.pretrain import PretrainConfig
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="lmforge",
         description="lmforge: from raw text to your own language model and chatbot.",
         epilog=STAGES,
@@ -134,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
         "finetune",
         FinetuneConfig,
         "adapt a checkpoint: chat SFT, classification or DPO, full or parameter-efficient",
-        lambda p: p.add_argument("--resume", action="store_true", help="continue from out_dir's newest checkpoint"),
+        _finetune_flags,
     )
     from .train.adversarial import AdversarialRunConfig
 
@@ -278,6 +297,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(sub)
 
     sub.add_parser("presets", help="list the named model shapes")
+    env = sub.add_parser(
+        "env",
+        help="this machine and the precision / kernels / threads chosen for it",
+        description="Probe this machine (CPU model and ISA, torch's kernel level, usable cores, memory, GPUs), "
+        "measure GEMM rates (fp32, bf16, int8/int4 weight-only kernels; cached per machine under "
+        "$LMFORGE_CACHE or ~/.cache/lmforge) and print the choices lmforge makes from them, with the reason.",
+    )
+    env.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    env.add_argument("--no-measure", action="store_true", help="skip the GEMM measurement (cached rates still show)")
+    env.add_argument("--refresh", action="store_true", help="measure again instead of using the cached rates")
     return parser
 
 
@@ -328,6 +357,11 @@ def cmd_finetune(args) -> None:
     from .train.finetune import FinetuneConfig, run_finetune
 
     cfg = load_config(FinetuneConfig, "finetune", args.recipe, args.overrides)
+    if args.preview is not None:
+        from .train.finetune import preview_finetune
+
+        print(preview_finetune(cfg, args.preview, color=sys.stdout.isatty()))
+        return
     summary = run_finetune(cfg, resume=args.resume)
     if os.environ.get("RANK", "0") == "0":
         print(f"  checkpoint: {summary['checkpoint']}\n  summary: {Path(cfg.out_dir) / 'summary.json'}")
@@ -371,6 +405,9 @@ def cmd_chat(args) -> None:
 
 def cmd_attention(args) -> None:
     from .eval.attention import run_attention
+    from .hardware import use_threads
+
+    use_threads(args.threads)
 
     run_attention(
         args.checkpoint, args.text, out=args.out, layers=args.layers, heads=args.heads, max_tokens=args.max_tokens,
@@ -434,6 +471,42 @@ def cmd_presets(args) -> None:
         print(f"{name:<18}{n / 1e6:>9.1f}M  {cfg.n_layer:>6} {cfg.n_embd:>6} {cfg.n_head:>6} {cfg.n_kv_head:>4}  {shape}")
 
 
+def cmd_env(args) -> None:
+    import json
+
+    from . import hardware
+
+    caps = hardware.probe()
+    if args.refresh or not args.no_measure:
+        hardware.measured_rates(caps, refresh=args.refresh)
+    choices = hardware.describe_choices(caps)
+    if args.json:
+        print(json.dumps({"capabilities": caps.to_dict(), "choices": choices}, indent=2))
+        return
+    gib = lambda b: f"{b / 2**30:.1f} GiB" if b else "unknown"  # noqa: E731
+    quota = f"cgroup quota {caps.cgroup_cpus:g} CPUs" if caps.cgroup_cpus is not None else "no cgroup CPU quota"
+    limit = f"cgroup limit {gib(caps.memory_limit_bytes)}" if caps.memory_limit_bytes else "no cgroup memory limit"
+    gpus = "; ".join(f"{g.index}: {g.name}, compute capability {g.capability[0]}.{g.capability[1]}, "
+                     f"{gib(g.memory_bytes)}, bf16 {'yes' if g.bf16 else 'no'}" for g in caps.gpus)
+    lines = [
+        f"CPU      {caps.cpu_model} ({caps.arch})",
+        f"ISA      {' '.join(caps.isa) or 'none of AVX2/AVX512/AMX/NEON/SVE reported'}",
+        f"bf16     {'native' if caps.native_bf16 else 'not native (emulated by torch)'}",
+        f"torch    {caps.torch_version}, CPU kernels {caps.torch_capability}, CUDA {caps.torch_cuda or 'none'}",
+        f"env      {' '.join(f'{k}={v}' for k, v in sorted(caps.env.items())) or 'no kernel-limiting variables set'}",
+        f"cores    {caps.cores} usable ({caps.affinity_cores} in the affinity mask, {quota})",
+        f"memory   {gib(caps.memory_bytes)} ({limit})",
+        f"GPUs     {gpus or ('none' + (' (Apple MPS available)' if caps.mps else ''))}",
+        f"rates    {hardware.rates_line(caps)} on one thread"
+        + (" (measured once per machine, cached)" if caps.rates else " (--no-measure: none cached)"),
+        "",
+        "choices:",
+    ]
+    for row in choices:
+        lines.append(f"  {row['setting']}: {row['choice']}\n      {row['why']}")
+    print("\n".join(lines))
+
+
 def cmd_quickstart(args) -> None:
     from .quickstart import run_quickstart
 
@@ -479,11 +552,13 @@ def cmd_export(args) -> None:
     print(f"exported {ckpt} -> {path}")
 
 
+from .data.commands import ACTIONS  # noqa: E402 (the handler table below lists them)
+
 HANDLERS: dict[tuple[str, str | None], Callable] = {
     ("quickstart", None): cmd_quickstart,
     ("tokenizer", "train"): cmd_tokenizer_train,
     ("data", "prepare"): cmd_data_prepare,
-    **{("data", a): cmd_data_pipeline for a in ("reddit", "clean", "dedup", "pii", "augment", "synth-reddit")},
+    **{("data", a): cmd_data_pipeline for a in ACTIONS},
     ("pretrain", None): cmd_pretrain,
     ("finetune", None): cmd_finetune,
     ("adversarial", None): cmd_adversarial,
@@ -499,6 +574,7 @@ HANDLERS: dict[tuple[str, str | None], Callable] = {
     ("prune", None): cmd_prune,
     ("serve", None): cmd_serve,
     ("presets", None): cmd_presets,
+    ("env", None): cmd_env,
 }
 
 

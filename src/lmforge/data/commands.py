@@ -20,6 +20,9 @@ ACTIONS: dict[str, tuple[str, str, str, str]] = {
     "pii": ("pii", "PiiConfig", "run_pii", "mask emails, phones, URLs, IPs, cards, /u/ names with typed placeholders"),
     "augment": ("augment", "AugmentConfig", "run_augment",
                 "token noise, paraphrases by a model, context truncation, system prompts (seeded)"),
+    "reddit-dump": ("reddit_dump", "RedditDumpConfig", "build_reddit_dump",
+                    "human conversations (default: the embedded ones) -> a Pushshift-format month with deleted, "
+                    "bot, spam, duplicate and PII records planted"),
     "synth-reddit": ("reddit_synth", "SynthRedditConfig", "synth_reddit",
                      "write a synthetic Pushshift-format dump (RC_/RS_ .zst) for tests and trials"),
 }

@@ -7,7 +7,9 @@
   at ``threshold``; an LSH candidate counts as a duplicate only when its estimated Jaccard
   similarity to the new text is at least ``threshold`` too (the LSH bands alone over-report).
 
-A conversation is compared as its turns joined. Memory: the exact set keeps 16 bytes per
+A conversation is compared as its turns joined. ``against`` names files whose records are read
+first and remembered, never written: an input record repeating one of them is a duplicate, so a
+validation split deduplicated against its training split shares no conversation with it. Memory: the exact set keeps 16 bytes per
 kept record; near dedup keeps a signature per kept record (``num_perm`` x 8 bytes) plus the
 LSH tables, about 1.5 KB per record at 128 permutations: 10M records want ~15 GB, so shard a
 larger corpus first (e.g. by language or source) or use a cluster engine (ARCHITECTURE.md).
@@ -18,11 +20,11 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from ..errors import ConfigError
-from .records import RecordsConfig, run_record_stage, text_of
+from .records import RecordReader, RecordsConfig, run_record_stage, text_of
 
 _WORD = re.compile(r"\w+")
 _SPACE = re.compile(r"\s+")
@@ -39,6 +41,7 @@ class DedupConfig(RecordsConfig):
     num_perm: int = 128  # near: MinHash permutations
     ngram: int = 3  # near: words per shingle
     seed: int = 1  # near: MinHash permutations seed
+    against: list[str] = field(default_factory=list)  # records of these files count as seen (e.g. the train split)
 
     def validate(self) -> None:
         super().validate()
@@ -113,6 +116,12 @@ def run_dedup(cfg: DedupConfig, verbose: bool = True) -> dict[str, Any]:
     """Drop exact and near duplicates of ``cfg.inputs`` into ``cfg.out``; returns the report."""
     cfg.validate()
     deduper = Deduper(cfg)
+    remembered = 0
+    if cfg.against:
+        reference = RecordReader(replace(cfg, inputs=list(cfg.against), max_records=None), None)
+        for _, _, record in reference:
+            if deduper.check(text_of(record, cfg.text_field)) is None:
+                remembered += 1
 
     def process(rows: Iterator[tuple[str, int, dict[str, Any]]], reject: Callable[..., None]) -> Iterator[dict[str, Any]]:
         for source, line, record in rows:
@@ -122,4 +131,5 @@ def run_dedup(cfg: DedupConfig, verbose: bool = True) -> dict[str, Any]:
             else:
                 yield record
 
-    return run_record_stage("dedup", cfg, process, verbose=verbose)
+    extra = (lambda: {"against": {"files": list(cfg.against), "remembered": remembered}}) if cfg.against else None
+    return run_record_stage("dedup", cfg, process, extra=extra, verbose=verbose)

@@ -602,4 +602,7 @@ def _print_summary(r: dict[str, Any]) -> None:
         f"  conversations: {conv['kept']:,} of {conv['seen']:,} candidates; rejected {rej(conv)}",
         (f"  train {s['train']:,} conversations ({s['train_threads']:,} threads), "
          f"val {s['val']:,} ({s['val_threads']:,} threads)"),
+        (f"  next: lmforge data clean inputs=[{r['out']}/train.jsonl] out=... (then pii, dedup), or fine-tune on it: "
+         f"lmforge finetune base=CKPT data.train=[{r['out']}/train.jsonl]"
+         + (f" data.val=[{r['out']}/val.jsonl]" if s["val"] else "")),  # no val thread: finetune splits train
     ]))

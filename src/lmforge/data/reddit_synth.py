@@ -70,18 +70,24 @@ class SynthRedditConfig:
             raise ConfigError(f"comments must be at least 1, got {self.comments}")
         if self.submissions < 0:
             raise ConfigError(f"submissions must be 0 (auto) or more, got {self.submissions}")
-        for name in ("top_level_fraction", "deleted_fraction", "removed_fraction", "bot_fraction",
-                     "noise_fraction", "string_fields_fraction", "malformed_fraction"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if not self.subreddits:
             raise ConfigError("subreddits must name at least one subreddit")
-        if not 10 <= self.window_log <= 31:
-            raise ConfigError(f"window_log must be in [10, 31], got {self.window_log}")
-        try:
-            time.strptime(self.month, "%Y-%m")
-        except ValueError:
-            raise ConfigError(f"month must be YYYY-MM, got {self.month!r}") from None
+        check_dump_settings(self, ("top_level_fraction", "deleted_fraction", "removed_fraction", "bot_fraction",
+                                   "noise_fraction", "string_fields_fraction", "malformed_fraction"))
+
+
+def check_dump_settings(cfg: object, fractions: tuple[str, ...]) -> None:
+    """The settings every dump writer shares: rates in [0, 1], ``window_log``, ``month``."""
+    for name in fractions:
+        if not 0.0 <= getattr(cfg, name) <= 1.0:
+            raise ConfigError(f"{name} must be in [0, 1], got {getattr(cfg, name)}")
+    window_log, month = getattr(cfg, "window_log"), getattr(cfg, "month")
+    if not 10 <= window_log <= 31:
+        raise ConfigError(f"window_log must be in [10, 31], got {window_log}")
+    try:
+        time.strptime(month, "%Y-%m")
+    except ValueError:
+        raise ConfigError(f"month must be YYYY-MM, got {month!r}") from None
 
 
 def zst_writer(path: Path, level: int = 3, window_log: int = 31) -> IO[bytes]:
@@ -93,11 +99,11 @@ def zst_writer(path: Path, level: int = 3, window_log: int = 31) -> IO[bytes]:
     return zstandard.ZstdCompressor(compression_params=params).stream_writer(raw, closefd=True)
 
 
-class _Sink:
-    """Buffered lines into a .zst or plain file."""
+class LineSink:
+    """Buffered lines into a .zst (long window, as the Pushshift dumps) or plain file."""
 
-    def __init__(self, path: Path, cfg: SynthRedditConfig) -> None:
-        self.f = open(path, "wb") if cfg.plain else zst_writer(path, cfg.level, cfg.window_log)  # noqa: SIM115
+    def __init__(self, path: Path, plain: bool = False, level: int = 3, window_log: int = 31) -> None:
+        self.f = open(path, "wb") if plain else zst_writer(path, level, window_log)  # noqa: SIM115
         self.buf = io.BytesIO()
 
     def line(self, data: bytes) -> None:
@@ -172,14 +178,14 @@ def synth_reddit(cfg: SynthRedditConfig, verbose: bool = True) -> dict[str, Any]
             obj["score"] = str(obj["score"])
         return obj
 
-    def emit(sink: _Sink, obj: dict[str, Any]) -> None:
+    def emit(sink: LineSink, obj: dict[str, Any]) -> None:
         data = orjson.dumps(obj)
         if rng.random() < cfg.malformed_fraction:
             data = _malformed(rng, data)
             counts["malformed"] += 1
         sink.line(data)
 
-    rs = _Sink(rs_path, cfg)
+    rs = LineSink(rs_path, cfg.plain, cfg.level, cfg.window_log)
     try:
         for i in range(n_sub):
             sid = base36(36**5 + i)
@@ -208,7 +214,7 @@ def synth_reddit(cfg: SynthRedditConfig, verbose: bool = True) -> dict[str, Any]
     # Comments in time order; each goes to a thread among the active ones, so a thread's comments
     # are spread over the file. Replies go to recent comments of the thread, making nested chains.
     thread_comments: dict[int, list[tuple[str, str]]] = {}  # thread -> [(comment id, author)], recent
-    rc = _Sink(rc_path, cfg)
+    rc = LineSink(rc_path, cfg.plain, cfg.level, cfg.window_log)
     try:
         n_users = max(50, cfg.comments // 5)
         for i in range(cfg.comments):

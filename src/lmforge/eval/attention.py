@@ -446,14 +446,15 @@ def run_attention(
         raise DataError("the text is empty")
     if top_k < 1:
         raise ConfigError(f"--top-k must be at least 1, got {top_k}")
-    if dtype not in ("auto", "float32", "bfloat16"):
-        raise ConfigError(f"dtype must be auto, float32 or bfloat16, got {dtype!r}")
+    from ..hardware import inference_dtype
+
+    inference_dtype(dtype, device)  # a bad value fails before the checkpoint loads
     path = resolve_checkpoint(checkpoint)
     model, path = load_model(path, device=device, quantize=quantize)
-    if dtype == "auto":  # fp32 maps, except for weight-quantized models (their kernels take bf16)
-        dtype = "bfloat16" if getattr(model, "quantization", None) is not None else "float32"
-    if dtype == "bfloat16":
-        model = model.to(torch.bfloat16)
+    # fp32 maps, except weight-quantized models where bf16 is fast (lmforge.hardware.inference_dtype)
+    compute = inference_dtype(dtype, device, quantized=getattr(model, "quantization", None) is not None)
+    if model.embed_tokens.weight.dtype != compute:
+        model = model.to(compute)
     model.eval()
     cfg = model.config
     layer_ids = parse_indices(layers, cfg.n_layer, "layers")

@@ -9,14 +9,19 @@ Two views of the same conversations:
 - **replies**: each conversation is cut before its last assistant turn and the model replies to
   it (the inference engine, greedy by default, stopping at the end-of-turn token); reported are
   the reply length in tokens (mean, median; the human replies' beside it), distinct-1/2 over all
-  replies (the share of unique n-grams: low values mean repetitive, generic replies), and
-  ROUGE-L / BLEU against the human reply when the metric libraries are installed.
+  replies (the share of unique n-grams: low values mean repetitive, generic replies), the share
+  of replies identical to the reply to another conversation (``identical_replies``: a model that
+  answers everything with one question scores near 1), the share that ended with the
+  end-of-turn token (``ended_with_eot``: the rest ran into the token budget, a model that does
+  not know how to stop), and ROUGE-L / BLEU against the human reply when the metric libraries
+  are installed.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -110,8 +115,15 @@ def chat_replies(
     return out
 
 
+def identical_reply_share(replies: Sequence[str]) -> float:
+    """The share of replies equal (whitespace and case aside) to the reply to another prompt."""
+    keys = [" ".join(r.split()).casefold() for r in replies]
+    counts = Counter(keys)
+    return sum(counts[k] > 1 for k in keys) / len(keys) if keys else 0.0
+
+
 def reply_metrics(replies: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Length and diversity of generated replies, beside the human ones."""
+    """Length, diversity and endings of generated replies, beside the human ones."""
     if not replies:
         raise DataError("no replies to measure")
     gen = [r["reply"] for r in replies]
@@ -127,6 +139,8 @@ def reply_metrics(replies: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "distinct_2": distinct_n(gen, 2),
         "reference_distinct_1": distinct_n(ref, 1),
         "reference_distinct_2": distinct_n(ref, 2),
+        "identical_replies": identical_reply_share(gen),
+        "ended_with_eot": sum(r["finish_reason"] == "stop" for r in replies) / len(replies),
         "cut_at_max_tokens": sum(r["finish_reason"] == "length" for r in replies) / len(replies),
     }
 

@@ -102,8 +102,8 @@ def sliding_window_nll(
     it), windows of equal length batched ``batch_size`` at a time; only the scored positions go
     through the output head. Returns ``nll`` (the sum), ``tokens`` (scored), ``windows``,
     ``max_length``, ``stride`` and ``token_nll`` (float64 array: the loss of token ``i + 1``)."""
-    if precision not in ("fp32", "bf16"):
-        raise ConfigError(f"precision must be fp32 or bf16, got {precision!r}")
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ConfigError(f"precision must be auto, fp32 or bf16, got {precision!r}")
     context = int(model.config.context_length)
     max_length = context if max_length is None else max_length
     if max_length > context:
@@ -120,7 +120,10 @@ def sliding_window_nll(
         groups.setdefault(w[1] - w[0], []).append(w)
     batches = [ws[i : i + batch_size] for ws in groups.values() for i in range(0, len(ws), batch_size)]
     bar = tqdm(total=len(plan), desc="perplexity", unit="window", disable=not progress, leave=False)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    from ..hardware import autocast_dtype, resolve_precision
+
+    amp = autocast_dtype(resolve_precision(precision, device, setting="precision"))
+    autocast = torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None)
     try:
         for batch in batches:
             idx = torch.stack([tokens[b:e] for b, e, _ in batch]).to(device)

@@ -82,6 +82,42 @@ def metric_names(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
     return sorted(seen, key=lambda kk: order.get(kk[0], 2))
 
 
+def _dropouts(config: dict | None) -> list[str]:
+    """The dropout settings above zero in a run's config (model.dropout, peft.dropout)."""
+    found = []
+    for section in ("model", "peft"):
+        value = ((config or {}).get(section) or {}).get("dropout")
+        if _number(value) and value > 0:
+            found.append(f"{section}.dropout={value:g}")
+    return found
+
+
+def loss_gap_note(rows: list[dict[str, Any]], config: dict | None = None) -> str | None:
+    """Why the held-out loss ends below the training loss, when it does (None otherwise): the
+    question every reader of such a curve asks, answered from the run's own settings."""
+    t_steps, train = series(rows, "train", LOSS_KEYS["train"])
+    v_steps, val = series(rows, "eval", LOSS_KEYS["eval"])
+    if not train or not val:
+        return None
+    last = v_steps[-1]
+    before = [i for i, s in enumerate(t_steps) if s <= last]
+    if not before or val[-1] >= train[before[-1]]:
+        return None
+    i = before[-1]
+    window = t_steps[i] - (t_steps[i - 1] if i else 0)
+    reasons = [
+        f"the train loss at step {int(t_steps[i])} is the mean over the {int(window)} step(s) before it, each "
+        f"measured before its update, while the val loss is measured after step {int(last)} with the final weights"
+    ]
+    drops = _dropouts(config)
+    if drops:
+        reasons.append(f"dropout ({', '.join(drops)}) is active while training and off while evaluating")
+    reasons.append("the held-out examples are other examples than the training ones (a small held-out set, or one "
+                   "of shorter or more regular texts, can score lower)")
+    return (f"**Why the val loss ({val[-1]:.4f}) is below the train loss ({train[i]:.4f}):** "
+            + "; ".join(reasons) + ". It is not, by itself, a sign of a bug or of leaked data.")
+
+
 # ----------------------------------------------------------------------------------- plots
 def _figure(size: tuple[float, float]):
     # a bare Figure draws on the Agg canvas, without pyplot's global state or backend switch
@@ -317,6 +353,9 @@ def write_report(
         lines += ["## Plots", ""]
         for caption, path in made:
             lines += [f"![{caption}]({_link(path, out_dir)})", "", f"*{caption}*", ""]
+    gap = loss_gap_note(read_metrics(metrics_file), config) if metrics_file is not None else None
+    if gap:
+        lines += [gap, ""]
     for table_title, markdown in tables:
         lines += [f"## {table_title}", "", markdown.strip(), ""]
     if metrics_file is not None and Path(metrics_file).is_file():

@@ -34,7 +34,8 @@ HEADLINE = {
     "classify": ("accuracy", "macro_f1", "micro_f1"),
     "multiple_choice": ("acc", "acc_norm"),
     "generate": ("exact_match", "f1", "rougeL", "bleu"),
-    "chat": ("loss", "perplexity", "reply_tokens_mean", "distinct_1", "distinct_2"),
+    "chat": ("loss", "perplexity", "reply_tokens_mean", "distinct_1", "distinct_2", "identical_replies",
+             "ended_with_eot"),
     "perplexity": ("perplexity", "bits_per_byte", "loss"),
 }
 _SHOT_KINDS = ("classify", "multiple_choice")
@@ -46,7 +47,7 @@ class EvalOptions:
     seed: int = 0
     limit: int | None = None  # a seeded sample of this many test examples a task (not perplexity)
     batch_size: int = 8
-    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    precision: str = "auto"  # auto | fp32 | bf16 (autocast); auto: bf16 only where it is fast (lmforge env)
     max_length: int | None = None  # perplexity window (default: the task's, else the context)
     stride: int | None = None
     # wrap classification / multiple-choice / generation prompts in the checkpoint's chat template:
@@ -65,8 +66,8 @@ class EvalOptions:
             raise ConfigError(f"--limit must be at least 1, got {self.limit}")
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.precision not in ("fp32", "bf16"):
-            raise ConfigError(f"--precision must be fp32 or bf16, got {self.precision!r}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"--precision must be auto, fp32 or bf16, got {self.precision!r}")
         if self.chat not in ("auto", "on", "off"):
             raise ConfigError(f"--chat must be auto, on or off, got {self.chat!r}")
         if self.max_tokens is not None and self.max_tokens < 1:
@@ -143,8 +144,11 @@ def _examples(task: Any, opts: EvalOptions) -> list[dict[str, Any]]:
 
 
 def _autocast(opts: EvalOptions, model: torch.nn.Module):
+    from ..hardware import autocast_dtype, resolve_precision
+
     device = next(model.parameters()).device
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=opts.precision == "bf16")
+    dtype = autocast_dtype(resolve_precision(opts.precision, device, setting="--precision"))
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 
 def _head_labels(lm: LoadedModel, task: Any) -> bool:
@@ -410,8 +414,9 @@ def run_eval(checkpoints: list[str], task_names: list[str], opts: EvalOptions, o
     names = [t.name for t in tasks]
     if len(set(names)) != len(names):
         raise ConfigError(f"a task is named twice: {names}")
-    if opts.threads:
-        torch.set_num_threads(opts.threads)
+    from ..hardware import use_threads
+
+    use_threads(opts.threads)  # default: the usable cores (affinity and cgroup quota)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in asdict(opts).items() if k != "progress"}
@@ -474,14 +479,15 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the few-shot draw and sampling (default 0)")
     p.add_argument("--limit", type=int, default=None, help="a seeded sample of N test examples a task (perplexity tasks: the whole text)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast (faster on CPUs with AVX512-BF16)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="auto (default): bf16 autocast where bf16 is fast (AVX512-BF16/AMX CPUs, GPUs), else fp32")
     p.add_argument("--max-length", type=int, default=None, help="perplexity window in tokens (default: the task's, else the context)")
     p.add_argument("--stride", type=int, default=None, help="perplexity: tokens scored per window (default half the window)")
     p.add_argument("--chat", choices=["auto", "on", "off"], default="off",
                    help="prompts in the chat template: off (default, as lm-eval), on, or auto = when the "
                    "checkpoint has one; chat tasks always use it")
     p.add_argument("--max-tokens", type=int, default=None, help="generation / chat reply budget (default: the task's)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the usable cores, cgroup quota included)")
     p.add_argument("--out", default=None, help="run directory (default runs/eval/<first checkpoint's name>)")
     p.add_argument("--wandb", action="store_true", help="also log to Weights & Biases")
     p.add_argument("--list-tasks", action="store_true", help="list the embedded tasks and exit")

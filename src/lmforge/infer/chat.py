@@ -94,6 +94,27 @@ HELP = """commands: /reset (forget the conversation)  /system TEXT (set the syst
           /history (show the conversation)  /help  /quit (or Ctrl-D)"""
 
 
+def describe_model(engine: InferenceEngine) -> str:
+    """What is being talked to: the checkpoint, its shape, and for an adapter checkpoint the
+    adapter method over its base (the banner said "30-layer model" for a LoRA run)."""
+    import json
+    from pathlib import Path
+
+    cfg = engine.config
+    shape = f"{cfg.n_layer} layers x {cfg.n_embd}"
+    path = getattr(engine, "checkpoint", None)
+    if path is None:
+        return f"a {shape} model"
+    try:
+        adapter = json.loads((Path(path) / "config.json").read_text(encoding="utf-8")).get("adapter") or {}
+    except (OSError, ValueError):
+        adapter = {}
+    if adapter:
+        return (f"{path}: a {adapter.get('method', 'PEFT')} adapter over the base {adapter.get('base_checkpoint')} "
+                f"({shape})")
+    return f"{path} ({shape})"
+
+
 def repl(session: ChatSession, inp: TextIO | None = None, out: TextIO | None = None, show_stats: bool = True) -> None:
     """Read user lines, stream replies. Works interactively and on piped input. The streams
     default to sys.stdin / sys.stdout as they are at call time (not at import)."""
@@ -101,7 +122,7 @@ def repl(session: ChatSession, inp: TextIO | None = None, out: TextIO | None = N
     out = out if out is not None else sys.stdout
     interactive = inp.isatty()
     if interactive:
-        out.write(f"chatting with {session.engine.config.n_layer}-layer model; {HELP}\n")
+        out.write(f"chatting with {describe_model(session.engine)}; {HELP}\n")
     while True:
         if interactive:
             out.write("\n> ")

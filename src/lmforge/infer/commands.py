@@ -19,8 +19,10 @@ def add_engine_args(p: argparse.ArgumentParser, batch: bool = True) -> None:
     p.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its newest checkpoint)")
     g = p.add_argument_group("engine")
     g.add_argument("--device", default="cpu")
-    g.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                   help="compute dtype (auto: bfloat16 for quantized models and GPUs, else float32)")
+    g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="compute dtype (auto: float32 on a CPU, bfloat16 for int8/int4 models where bf16 is fast; "
+                   "bfloat16 on GPUs with it, else float16; `lmforge env` shows the choice)")
+    g.add_argument("--threads", type=int, default=0, help="CPU threads (default 0: the usable cores, cgroup quota included)")
     g.add_argument("--quantize", choices=["none", "bf16", "int8", "int4"], default="none",
                    help="quantize the weights at load (a quantized checkpoint loads as saved)")
     if batch:
@@ -86,6 +88,9 @@ def engine_from_args(args: argparse.Namespace, overflow: str = "error"):
     if batch < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch}")
     quantize = None if args.quantize == "none" else args.quantize
+    from ..hardware import use_threads
+
+    use_threads(getattr(args, "threads", 0))
     return load_engine(
         args.checkpoint, device=args.device, dtype=args.dtype, quantize=quantize, max_batch_size=batch,
         overflow=overflow,

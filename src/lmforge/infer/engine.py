@@ -48,6 +48,7 @@ from typing import Literal
 
 import torch
 
+from .. import hardware
 from ..errors import ConfigError, LmforgeError
 from ..model.cache import KVCache
 from .detokenize import IncrementalDetokenizer, StopChecker
@@ -158,9 +159,8 @@ class InferenceEngine:
         self.max_step_attention = max_step_attention or max_step_tokens * 2048
         emb = model.embed_tokens.weight
         self.device = emb.device
-        # On CPU the cache is fp32 whatever the model's dtype: decode attention (one query
-        # over the cache) measured 10 us in fp32 against 41 us in bf16 per SmolLM2 layer.
-        cache_dtype = torch.float32 if emb.device.type == "cpu" else emb.dtype
+        # fp32 on CPU whatever the model's dtype (lmforge.hardware.kv_cache_dtype: measured)
+        cache_dtype = hardware.kv_cache_dtype(emb.dtype, emb.device)
         positions = self.max_seq_len + self.virtual_tokens
         self.bytes_per_position = KVCache.bytes_per_position(self.config, cache_dtype)
         self.kv_budget = kv_cache_budget(self.bytes_per_position, max_batch_size, positions, requested=kv_cache_bytes,
@@ -523,20 +523,19 @@ def load_engine(
 ) -> InferenceEngine:
     """An engine over a checkpoint (or a run's newest), optionally cast or quantized at load.
 
-    ``dtype``: ``float32``, ``bfloat16`` or ``auto`` (bfloat16 for weight-quantized models,
-    whose kernels take bf16 activations, and on GPUs; float32 otherwise).
+    ``dtype``: ``float32``, ``bfloat16``, ``float16`` or ``auto``
+    (:func:`lmforge.hardware.inference_dtype`: bf16 on GPUs with bf16, fp16 on older ones; on
+    a CPU fp32, except weight-quantized models where bf16 is fast).
     """
     from ..tokenizer import Tokenizer
     from ..train.checkpoint import load_model
 
-    if dtype not in ("auto", "float32", "bfloat16"):
-        raise ConfigError(f"dtype must be auto, float32 or bfloat16, got {dtype!r}")
+    hardware.inference_dtype(dtype, device)  # a bad value fails before the checkpoint loads
     model, path = load_model(checkpoint, device=device, quantize=quantize)
     quantized = getattr(model, "quantization", None) is not None
-    if dtype == "auto":
-        dtype = "bfloat16" if quantized or torch.device(device).type == "cuda" else "float32"
-    if dtype == "bfloat16":
-        model = model.to(torch.bfloat16)
+    compute = hardware.inference_dtype(dtype, device, quantized=quantized)
+    if model.embed_tokens.weight.dtype != compute:  # e.g. a bf16 checkpoint computes in fp32 where bf16 is slow
+        model = model.to(compute)
     tokenizer = Tokenizer.from_file(path / "tokenizer.json")
     engine = InferenceEngine(model, tokenizer, max_batch_size=max_batch_size, max_seq_len=max_seq_len, overflow=overflow,
                              max_step_tokens=max_step_tokens, kv_cache_bytes=kv_cache_bytes)

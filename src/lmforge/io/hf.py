@@ -32,12 +32,12 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .. import __version__
 from ..config import from_dict, to_dict
 from ..errors import LmforgeError
-from ..fileio import atomic_write_json, staged_dir
+from ..fileio import atomic_write_json, save_safetensors, staged_dir
 from ..model.gpt import GPTConfig, check_finite, check_state_dict
 from ..tokenizer.base import token_name
 
@@ -379,7 +379,7 @@ def import_hf(src: str | Path, out: str | Path, *, overwrite: bool = False) -> P
         "source": {"format": "huggingface", "architecture": arch, "model_type": hf_cfg.get("model_type"), "path": str(src)},
     }
     with staged_dir(out, overwrite) as tmp:
-        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_safetensors({k: v.contiguous() for k, v in weights.items()}, tmp / "model.safetensors", metadata={"format": "pt"})
         atomic_write_json(tmp / "config.json", config)
         shutil.copyfile(src_dir / "tokenizer.json", tmp / "tokenizer.json")
         copy_sidecars(src_dir, tmp)
@@ -561,7 +561,7 @@ def export_hf(ckpt: str | Path, out: str | Path, *, overwrite: bool = False) -> 
         hf_w = _to_llama(w, cfg, attention_bias, mlp_bias)
 
     with staged_dir(out, overwrite) as tmp:
-        save_file(hf_w, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_safetensors(hf_w, tmp / "model.safetensors", metadata={"format": "pt"})
         atomic_write_json(tmp / "config.json", hf_cfg)
         shutil.copyfile(path / "tokenizer.json", tmp / "tokenizer.json")
         copy_sidecars(path, tmp)

@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import hardware
 from ..errors import LmforgeError
 from .cache import CacheView, LayerKV
 from .presets import get_preset
@@ -153,15 +154,19 @@ AttentionImpl = Literal["auto", "sdpa", "math"]
 
 
 def use_math_attention(impl: AttentionImpl, q: torch.Tensor) -> bool:
-    """``auto`` picks plain matmul attention under CPU bf16 autocast for contexts up to 1024.
+    """``auto`` picks plain matmul attention under CPU bf16 autocast for contexts up to 1024, on
+    CPUs where bf16 GEMMs are fast (:func:`lmforge.hardware.math_attention_wins`).
 
-    Measured on an AVX512-BF16 CPU (torch 2.13): PyTorch's bf16 flash-attention backward is
-    4x slower than fp32 at T=64 and slower than bf16 matmuls at T=256, while matmul
-    attention runs on the fast bf16 GEMMs. Elsewhere sdpa (flash / memory-efficient) wins.
+    Measured with torch 2.13, forward+backward on one thread: on an AMX/AVX512-BF16 CPU
+    PyTorch's bf16 flash-attention is 7x slower than matmul attention at T=64 and 2.2x at
+    T=256, since matmul attention runs on the fast bf16 GEMMs; where bf16 is emulated (AVX2)
+    those GEMMs are the slow part and sdpa's bf16 kernel is 2.2-2.6x faster than matmul
+    attention. Elsewhere (fp32, GPUs) sdpa (flash / memory-efficient) wins.
     """
     if impl != "auto":
         return impl == "math"
-    return q.device.type == "cpu" and torch.is_autocast_enabled("cpu") and q.shape[-2] <= 1024
+    return (q.device.type == "cpu" and torch.is_autocast_enabled("cpu") and q.shape[-2] <= 1024
+            and hardware.math_attention_wins())
 
 
 @lru_cache(maxsize=16)
@@ -502,6 +507,11 @@ class GPT(nn.Module):
     # ---- accounting -------------------------------------------------------------------
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
+        head = self._modules.get("lm_head")
+        if self.config.tie_embeddings and head is not None:
+            # a tied model's lm_head is a low-precision copy of the embedding (peft.store_frozen_in),
+            # not parameters of its own: bf16 runs counted the embedding twice (167.71M for 139.40M)
+            n -= head.weight.numel()
         if non_embedding:
             n -= self.embed_tokens.weight.numel()
             if self.config.pos_embedding == "learned":

@@ -20,13 +20,15 @@ module ``lm_head`` when there is one); the embedding itself, norms and biases ke
 precision. ``skip`` takes module-name patterns (fnmatch, e.g. ``"lm_head"``) to leave alone.
 
 Forward on CPU runs PyTorch's fused weight-only kernels (``aten._weight_int8pack_mm``,
-``aten._weight_int4pack_mm_for_cpu``). They are fast only on bf16 activations, so a module
-casts its input to bf16, runs the kernel, and casts the result back to the input's dtype
-(fp32 activations between layers stay fp32). The kernels are matrix-vector loops, fast for
-decoding; from ``gemm_rows`` rows on (a prompt's prefill) a module dequantizes its weight to
-bf16 for the call and runs one bf16 GEMM instead, which is faster there. On other devices, and on CPU for int8 layers
-whose in_features is not a multiple of 16 (the kernel's requirement), the weight is
-dequantized and ``F.linear`` runs instead.
+``aten._weight_int4pack_mm_for_cpu``) on activations of the dtype measured fastest on this
+CPU (:func:`lmforge.hardware.quant_activation_dtype`: bf16 on AVX512-BF16 and on AVX2 alike,
+8-25x faster than fp32), casting the result back to the input's dtype (fp32 activations
+between layers stay fp32). The kernels are matrix-vector loops, fast for decoding; from
+``gemm_rows`` rows on (a prompt's prefill, training through a frozen quantized base) a
+module dequantizes its weight for the call and runs one GEMM instead, in bf16 where bf16
+GEMMs are fast and in fp32 where they are emulated (:func:`lmforge.hardware.gemm_dtype`).
+On other devices, and on CPU for int8 layers whose in_features is not a multiple of 16 (the
+kernel's requirement), the weight is dequantized and ``F.linear`` runs instead.
 
 State dict (also the on-disk layout of a quantized checkpoint; portable, kernel-independent):
 
@@ -52,11 +54,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import hardware
 from ..errors import ConfigError, LmforgeError
 
 METHODS = ("int8", "int4", "bf16")
 GROUP_SIZES = (32, 64, 128)
 _TINY = 2.0**-100  # the smallest scale: an all-zero row/group dequantizes to exact zeros
+
+
+_DTYPES: dict[tuple[int, str], tuple[torch.dtype, torch.dtype]] = {}
+
+
+def kernel_dtypes(method: str) -> tuple[torch.dtype, torch.dtype]:
+    """(activation dtype of the weight-only kernel, dtype of the many-rows GEMM) on this
+    machine, decided once per probed machine (a forward runs this for every layer)."""
+    caps = hardware.probe()
+    key = (id(caps), method)
+    if key not in _DTYPES:
+        _DTYPES[key] = (hardware.quant_activation_dtype(method, caps), hardware.gemm_dtype(caps))
+    return _DTYPES[key]
 
 
 def _round_up_bf16(x: torch.Tensor) -> torch.Tensor:
@@ -91,23 +107,25 @@ class _QuantLinear(nn.Module):
     def _kernel(self, x2: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    #: From this many rows (tokens) on, dequantizing to bf16 and one bf16 GEMM beats the fused
-    #: kernels, whose time grows linearly with the rows (they are GEMV kernels). Measured at
-    #: one thread over SmolLM2-135M's shapes, ms per layer at 128 rows: int8 kernel 14.1,
-    #: dequantize + bf16 GEMM 7.5; int4 12.3 vs 11.5; at 512 rows 56 vs 24 and 50 vs 28.
+    #: From this many rows (tokens) on, dequantizing and one GEMM beats the fused kernels,
+    #: whose time grows linearly with the rows (they are GEMV kernels). Measured at one thread
+    #: over SmolLM2-135M's shapes on an AVX512-BF16 CPU, ms per layer at 128 rows: int8 kernel
+    #: 14.1, dequantize + bf16 GEMM 7.5; int4 12.3 vs 11.5; at 512 rows 56 vs 24 and 50 vs 28.
     gemm_rows = 64
+    method = "int8"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._fused(x):  # dequantize and run a plain linear
             bias = None if self.bias is None else self.bias.to(x.dtype)
             return F.linear(x, self.dequantize(x.dtype), bias)
-        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        act, gemm = kernel_dtypes(self.method)
+        x2 = x.reshape(-1, self.in_features)
         # prefill, or training through a frozen quantized base (QLoRA: the fused kernels have
-        # no backward for the input): a bf16 GEMM
+        # no backward for the input): one GEMM over the dequantized weight
         if x2.shape[0] >= self.gemm_rows or x2.requires_grad:
-            y = F.linear(x2, self.dequantize(torch.bfloat16))
+            y = F.linear(x2.to(gemm), self.dequantize(gemm))
         else:  # decode: the fused weight-only kernel
-            y = self._kernel(x2.contiguous())
+            y = self._kernel(x2.to(act).contiguous())
         y = y.view(*x.shape[:-1], self.out_features).to(x.dtype)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
@@ -150,7 +168,8 @@ class Int8Linear(_QuantLinear):
         return x.device.type == "cpu" and self.in_features % 16 == 0
 
     def _kernel(self, x2: torch.Tensor) -> torch.Tensor:
-        return torch.ops.aten._weight_int8pack_mm(x2, self.weight_int8, self.scales.to(torch.bfloat16))
+        # the kernel wants its scales in the activations' dtype
+        return torch.ops.aten._weight_int8pack_mm(x2, self.weight_int8, self.scales.to(x2.dtype))
 
 
 class Int4Linear(_QuantLinear):
@@ -158,6 +177,7 @@ class Int4Linear(_QuantLinear):
     (``w = (q - 8) * scale + zero``)."""
 
     gemm_rows = 128
+    method = "int4"
 
     def __init__(
         self, in_features: int, out_features: int, bias: bool = True, group_size: int = 32, device=None, dtype=None
@@ -220,7 +240,7 @@ class Int4Linear(_QuantLinear):
         if self._packed is None:
             self._packed = self._pack()
         packed, sz = self._packed
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, self.group_size, sz)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, self.group_size, sz.to(x2.dtype))
         return y[:, : self.out_features] if y.shape[1] != self.out_features else y
 
     def _apply(self, fn, recurse: bool = True):

@@ -1,7 +1,8 @@
 """API keys and per-key rate limits.
 
-Keys come from a file (one a line; blank lines and ``#`` comments ignored) and/or the
-environment variable ``LMFORGE_API_KEYS`` (comma-separated). A request presents one as
+Keys come from the command line (``--api-key KEY``, repeatable, as vLLM's flag), a file (one
+a line; blank lines and ``#`` comments ignored) and/or the environment variable
+``LMFORGE_API_KEYS`` (comma-separated). A request presents one as
 ``Authorization: Bearer KEY``. Every configured key is compared, in constant time, on
 SHA-256 digests (so neither the length nor the position of a near-match leaks through
 timing). A key is known to the rest of the server only by its position (``key-3``): keys
@@ -45,9 +46,10 @@ class ApiKeys:
         self._digests = [_digest(k) for k in dict.fromkeys(keys)]
 
     @classmethod
-    def load(cls, key_file: str | None = None, env: dict[str, str] | None = None) -> ApiKeys:
+    def load(cls, key_file: str | None = None, env: dict[str, str] | None = None,
+             keys_given: list[str] | None = None) -> ApiKeys:
         env = os.environ if env is None else env
-        keys: list[str] = []
+        keys: list[str] = [k.strip() for k in keys_given or []]
         if key_file:
             path = Path(key_file)
             if not path.is_file():

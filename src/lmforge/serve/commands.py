@@ -21,7 +21,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
         help="OpenAI-compatible HTTP server with a web chat page",
         description="Serve a checkpoint (and LoRA adapters) over an OpenAI-compatible API: "
         "/v1/chat/completions, /v1/completions, /v1/models, /tokenize, /health, /metrics, and a chat page at /. "
-        "API keys come from --api-key-file and/or the LMFORGE_API_KEYS environment variable (comma-separated); "
+        "API keys come from --api-key, --api-key-file and/or the LMFORGE_API_KEYS environment variable (comma-separated); "
         "with none, the API is open.",
     )
     p.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its newest checkpoint)")
@@ -32,12 +32,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="serve a LoRA adapter on the base as model NAME (repeatable)")
     g = p.add_argument_group("engine")
     g.add_argument("--device", default="cpu")
-    g.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
+    g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="compute dtype (auto: see `lmforge env`)")
     g.add_argument("--quantize", choices=["none", "bf16", "int8", "int4"], default="none",
                    help="quantize the weights at load")
     g.add_argument("--max-batch-size", type=int, default=16, help="sequences decoded together per model (default 16)")
     g.add_argument("--max-seq-len", type=int, default=None, help="cap on prompt + completion tokens (default: the model's context)")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the usable cores, cgroup quota included)")
     g.add_argument("--max-step-tokens", type=int, default=256,
                    help="prompt tokens prefilled per engine step, between the running decodes (default 256)")
     g.add_argument("--kv-cache-gb", type=float, default=None,
@@ -45,6 +46,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--stall-timeout", type=float, default=30.0,
                    help="seconds the engine loop may take to come round before /ready fails (default 30)")
     s = p.add_argument_group("security and limits")
+    s.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                   help="an API key clients must present (repeatable; vLLM's flag). A key on the command line is "
+                   "visible to other users of the machine (ps): prefer --api-key-file or LMFORGE_API_KEYS there")
     s.add_argument("--api-key-file", default=None, help="file of API keys, one a line ('#' comments)")
     s.add_argument("--rate-limit", type=float, default=0.0, metavar="RPM", help="requests a minute per key (0: off)")
     s.add_argument("--rate-burst", type=int, default=None, help="requests at once per key (default: RPM/6)")
@@ -183,8 +187,8 @@ def build_models(args: argparse.Namespace):
             from ..model.quant import quantize_model
 
             quantize_model(model, quantize)
-        if dtype == torch.bfloat16:
-            model = model.to(torch.bfloat16)
+        if dtype != torch.float32:  # the base engine's compute dtype
+            model = model.to(dtype)
         eng = InferenceEngine(model, engine.tokenizer, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
                               max_step_tokens=args.max_step_tokens, kv_cache_bytes=kv_bytes)
         eng.checkpoint = engine.checkpoint
@@ -212,17 +216,16 @@ def run_serve(args: argparse.Namespace) -> None:
         raise ConfigError(f"--port must be in 0..65535, got {args.port}")
     # ServeConfig's fields are the flags of the same names, but for these
     renamed = {"max_tokens_cap": "max_tokens", "max_concurrent": "limit_concurrency"}
-    given = {"api_keys": ApiKeys.load(args.api_key_file), "cors_origins": list(args.cors_origin),
+    given = {"api_keys": ApiKeys.load(args.api_key_file, keys_given=args.api_key), "cors_origins": list(args.cors_origin),
              "trusted_proxies": proxies}
     config = ServeConfig(**{f.name: given[f.name] if f.name in given else getattr(args, renamed.get(f.name, f.name))
                             for f in dataclasses.fields(ServeConfig)
                             if f.name in given or hasattr(args, renamed.get(f.name, f.name))})
-    if args.threads is not None:
-        import torch
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads must be at least 1, got {args.threads}")
+    from ..hardware import use_threads
 
-        if args.threads < 1:
-            raise ConfigError(f"--threads must be at least 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    use_threads(args.threads)  # default: the usable cores (affinity and cgroup quota)
     models = build_models(args)
     app = create_app(models, config)
     setup_logging(args.log_level)

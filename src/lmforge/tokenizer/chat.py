@@ -85,6 +85,24 @@ def _check_call(args: tuple, kwargs: dict) -> None:
             raise TemplateLimit(f"a call with the argument {a} (larger than {MAX_ITEMS})")
 
 
+def _generation_extension():
+    """``{% generation %}...{% endgeneration %}``: the markers some templates put around assistant
+    replies (transformers' ``return_assistant_tokens_mask``); the body renders unchanged (the
+    SFT objective finds assistant tokens by rendering prefixes, with or without markers)."""
+    from jinja2 import nodes
+    from jinja2.ext import Extension
+
+    class Generation(Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.Scope(body).set_lineno(lineno)
+
+    return Generation
+
+
 def _environment():
     import jinja2
     from jinja2.ext import loopcontrols
@@ -107,7 +125,7 @@ def _environment():
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    env = BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env = BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, _generation_extension()])
     for name, fn in list(env.filters.items()):  # filters are called directly, not through env.call
         env.filters[name] = _bounded_filter(fn)
     env.filters["tojson"] = tojson

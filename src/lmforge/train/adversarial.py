@@ -33,7 +33,7 @@ from .checkpoint import (
     read_config,
     resolve_checkpoint,
 )
-from .engine import Engine, TrainConfig
+from .engine import Engine, TrainConfig, autocast_dtype, resolve_train_precision
 from .objectives.adversarial import (
     AdversarialConfig,
     AdversarialObjective,
@@ -183,8 +183,9 @@ def run_adversarial(cfg: AdversarialRunConfig, resume: bool = False) -> dict[str
     peft = cfg.peft
     apply_peft(generator, peft, tokenizer=tokenizer, total_steps=cfg.train.max_steps, seed=cfg.train.seed)
     params = trainable_summary(generator)
-    if peft.method != "none" and cfg.train.precision in ("bf16", "fp16"):
-        store_frozen_in(generator, torch.bfloat16 if cfg.train.precision == "bf16" else torch.float16)
+    compute = autocast_dtype(resolve_train_precision(cfg.train))
+    if peft.method != "none" and compute is not None:  # the frozen base in the autocast dtype (bf16 only where fast)
+        store_frozen_in(generator, compute)
 
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eot_id
     disc = DiscriminatorTrainer(discriminator, cfg.adversarial, pad, disc_path / "tokenizer.json")

@@ -34,12 +34,12 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .. import __version__
 from ..config import from_dict, to_dict
 from ..errors import ConfigError, LmforgeError
-from ..fileio import atomic_write_json, staged_dir
+from ..fileio import atomic_write_json, save_safetensors, staged_dir
 from ..model import quant
 from ..model.gpt import GPT, GPTConfig, check_finite, check_state_dict
 
@@ -130,8 +130,8 @@ def save_checkpoint(
             config["adapter"] = {"method": net.peft.cfg.method, "base_checkpoint": base}
         else:
             sd = net.state_dict() if weights is None else weights
-            save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, str(tmp / "model.safetensors"),
-                      metadata={"format": "pt"})
+            save_safetensors({k: v.detach().contiguous().cpu() for k, v in sd.items()}, tmp / "model.safetensors",
+                             metadata={"format": "pt"})
             if getattr(net, "quantization", None):  # set by model.quant.quantize_model
                 config["quantization"] = net.quantization
         atomic_write_json(tmp / "config.json", config)
@@ -146,7 +146,7 @@ def save_checkpoint(
             if sharded_optimizer is not None:
                 shutil.move(str(sharded_optimizer), str(tmp / "optimizer"))
             else:
-                save_file({**tensors, **_rng_tensors()}, str(tmp / "optimizer.safetensors"))
+                save_safetensors({**tensors, **_rng_tensors()}, tmp / "optimizer.safetensors")
             atomic_write_json(tmp / "trainer_state.json", {**(trainer_state or {}), "optimizer": meta})
     return path
 

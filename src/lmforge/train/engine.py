@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import resource
 import shutil
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,8 +24,11 @@ import torch
 import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from .. import hardware
 from ..config import to_dict
+from ..hardware import autocast_dtype
 from ..errors import ConfigError, LmforgeError
+from .budget import TimeBudget, estimate_save_s
 from .checkpoint import (
     list_checkpoints,
     load_training_state,
@@ -48,6 +50,16 @@ from .schedule import lr_multiplier
 from .tracking import RUN_LOGS, LogConfig, RunLogger, set_aside_previous_run, trim_metrics
 
 
+#: Seconds the report card takes after the last checkpoint (matplotlib and the plots of
+#: metrics.jsonl), which a time budget keeps in reserve: measured 0.91-1.01 s for 1,667 metric
+#: rows on the 2-core Xeon VM, natively and under the AVX2 emulation.
+REPORT_S = 1.0
+#: How long the engine looks at the machine's load before its first step, and how often (in
+#: seconds of training) it looks again to set its threads (hardware.LoadWatcher).
+LOAD_SAMPLE_S = 0.25
+LOAD_CHECK_S = 10.0
+
+
 @dataclass
 class TrainConfig:
     max_steps: int = 2000
@@ -66,7 +78,13 @@ class TrainConfig:
     min_lr_ratio: float = 0.1  # final rate as a fraction of the peak
     decay_fraction: float = 0.2  # wsd: share of steps spent decaying
     grad_clip: float = 1.0  # 0 disables
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16/fp16 autocast with fp32 master weights
+    # auto: bf16 where it is fast (a GPU with bf16, a CPU with native bf16), fp16 on older GPUs,
+    # else fp32 (lmforge.hardware.resolve_precision); bf16/fp16 autocast keeps fp32 master weights
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # > 0: a time budget in minutes. The run measures its speed over its first steps and sets its
+    # step count (and so its learning-rate schedule) to end, with its evaluations and final
+    # checkpoint, on time; max_steps stays the cap (train/budget.py)
+    max_minutes: float = 0.0
     compile: bool = False
     # With several processes (torchrun): ddp replicates the model on every process; fsdp
     # shards parameters, gradients and optimizer state over them (FSDP2, one unit per block).
@@ -93,6 +111,13 @@ class TrainConfig:
             raise ValueError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.warmup_steps < 0 or self.eval_interval < 0 or self.ckpt_interval < 0 or self.grad_clip < 0:
             raise ValueError("warmup_steps, eval_interval, ckpt_interval and grad_clip must not be negative")
+        if not (self.max_minutes >= 0 and math.isfinite(self.max_minutes)):
+            raise ValueError(f"train.max_minutes must be a number of minutes >= 0 (0: no budget), got {self.max_minutes}")
+
+
+def resolve_train_precision(cfg: TrainConfig) -> str:
+    """``cfg.precision`` resolved for the device the run will use (``auto`` -> fp32|bf16|fp16)."""
+    return hardware.resolve_precision(cfg.precision, cfg.device)
 
 
 def resolve_device(name: str, dist: DistInfo) -> torch.device:
@@ -127,6 +152,8 @@ class FitResult:
     final: dict[str, float] = field(default_factory=dict)
     peak_rss_mib: float = 0.0
     checkpoint: str | None = None
+    precision: str = ""  # the precision the run used (train.precision resolved)
+    budget: dict[str, Any] | None = None  # the time budget's plan (train.max_minutes)
 
 
 class Engine:
@@ -146,6 +173,7 @@ class Engine:
         checkpoint_extra: dict[str, Any] | None = None,
         sidecars_from: str | Path | None = None,
         base_checkpoint: str | Path | None = None,
+        clock: Callable[[], float] | None = None,
     ):
         """``hooks``: objects with optional ``extra_loss()`` (a term added to every micro-batch's
         loss, e.g. AdaLoRA's orthogonality penalty), ``after_step(step)`` (called after the
@@ -154,7 +182,10 @@ class Engine:
         (a checkpoint was written / is being resumed: state the hook owns, e.g. the adversarial
         discriminator, goes in or comes from that directory). ``checkpoint_extra`` goes into every
         checkpoint's config.json; ``sidecars_from`` and ``base_checkpoint`` as in
-        :func:`~lmforge.train.checkpoint.save_checkpoint`."""
+        :func:`~lmforge.train.checkpoint.save_checkpoint`. ``clock`` (seconds, monotonic; default
+        ``time.perf_counter``) times the run for ``train.max_minutes`` (tests inject their own)."""
+        self.clock = clock or time.perf_counter
+        self._now = self.clock()  # the clock at the end of the last timed segment (step, evaluation, checkpoint)
         self.cfg = cfg
         self.hooks = list(hooks or [])
         self.checkpoint_extra = dict(checkpoint_extra or {})
@@ -169,27 +200,31 @@ class Engine:
         probe = "cuda" if cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
         self.dist = init_distributed(probe)
         self.device = resolve_device(cfg.device, self.dist)
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        threads = cfg.threads or max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-        if self.device.type == "cpu":
-            torch.set_num_threads(threads)
+        self.threads: hardware.LoadWatcher | None = None
+        if self.device.type == "cpu":  # usable cores (affinity, cgroup quota) split over torchrun's processes,
+            # fewer while other processes keep cores busy (hardware.LoadWatcher)
+            self.threads = hardware.LoadWatcher(cfg.threads)
+            if not self.threads.fixed and self.threads.limit > 1:
+                time.sleep(LOAD_SAMPLE_S)  # a first look at the machine's load before the first step
+            torch.set_num_threads(self.threads.threads())
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True)
-        if cfg.precision == "fp16" and self.device.type != "cuda":
-            raise ConfigError("train.precision=fp16 needs a CUDA GPU; use bf16 on CPU")
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+        self.precision = hardware.resolve_precision(cfg.precision, self.device)
+        self.amp_dtype = autocast_dtype(self.precision)
 
         self.model = model.to(self.device)
         self.sharded = self.dist.enabled and cfg.parallel == "fsdp"
         if self.sharded:
-            if cfg.precision == "fp16":
+            if self.precision == "fp16" and cfg.precision == "auto":  # a GPU without bf16: FSDP runs fp32
+                self.precision, self.amp_dtype = "fp32", None
+            if self.precision == "fp16":
                 raise ConfigError("train.parallel=fsdp does not support train.precision=fp16 (the loss scaler's "
                                   "overflow check would see one shard per process); use bf16")
             if cfg.compile:
                 raise ConfigError("train.compile=true is not supported with train.parallel=fsdp; use ddp to compile")
             shard_model(self.model, self.amp_dtype)  # in place; the optimizer then holds the shards
         self.optimizer = build_optimizer(self.model, cfg, self.device)
-        self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
         # Evaluation runs the (compiled) module without the DDP wrapper: ranks may get uneven
         # numbers of eval batches, and DDP's forward may issue collectives (buffer broadcasts).
         self.eval_model: torch.nn.Module = torch.compile(self.model) if cfg.compile else self.model
@@ -208,6 +243,16 @@ class Engine:
         )
         objective.setup(self.ctx)
         self.step = 0
+        self.max_steps = cfg.max_steps  # the time budget may plan fewer
+        self.budget: TimeBudget | None = None
+        if cfg.max_minutes > 0:
+            net = unwrap(self.model)
+            state_bytes = sum(p.numel() * p.element_size() * (3 if p.requires_grad else 1) for p in net.parameters())
+            self.budget = TimeBudget(
+                cfg.max_minutes, cfg.max_steps, eval_interval=cfg.eval_interval, ckpt_interval=cfg.ckpt_interval,
+                save_estimate_s=estimate_save_s(state_bytes), report_s=REPORT_S if self.log_cfg.report else 0.0,
+                start=self._now,  # the budget counts from the engine's creation
+            )
 
     # ---- helpers ------------------------------------------------------------------------
     def autocast(self):
@@ -217,7 +262,7 @@ class Engine:
 
     def _lr_mult(self, step: int) -> float:
         c = self.cfg
-        return lr_multiplier(step, c.max_steps, c.schedule, c.warmup_steps, c.min_lr_ratio, c.decay_fraction)
+        return lr_multiplier(step, self.max_steps, c.schedule, c.warmup_steps, c.min_lr_ratio, c.decay_fraction)
 
     def resume_from(self, ckpt: Path | None = None) -> Path:
         """Load weights, optimizer, RNG and data position from ``ckpt`` (default: the newest)."""
@@ -247,10 +292,89 @@ class Engine:
         self._check_batch(state, ckpt)
         state = load_training_state(ckpt, self.optimizer)
         self.step = int(state["step"])
+        self._resume_budget(state.get("budget"))
         for hook in self.hooks:
             if hasattr(hook, "on_resume"):
                 hook.on_resume(ckpt)
         return ckpt
+
+    def _resume_budget(self, saved: dict[str, Any] | None) -> None:
+        """Continue the time budget's plan of a resumed checkpoint: its step count (so the
+        learning-rate schedule goes on unchanged) and its time spent (which counts against this
+        run's budget). Without train.max_minutes now, the plan's step count still holds."""
+        self._saved_budget = saved
+        if not saved:
+            return
+        if self.budget is not None:
+            self.budget.restore(saved, self.clock())
+            if self.budget.plan_ is not None:
+                self._set_max_steps(self.budget.plan_.max_steps)
+        elif saved.get("plan"):
+            self._set_max_steps(int(saved["plan"]["max_steps"]))
+            if self.dist.is_main:
+                print(f"continuing the time-budgeted plan of the checkpoint: {self.max_steps} steps")
+
+    def _set_max_steps(self, n: int) -> None:
+        self.max_steps = n
+        for hook in self.hooks:  # e.g. AdaLoRA's rank schedule follows the run's length
+            if hasattr(hook, "on_plan"):
+                hook.on_plan(n)
+
+    def _lap(self) -> float:
+        """Seconds since the last timed segment ended (one clock reading per segment, so an
+        injected clock sees each step, evaluation and checkpoint exactly once)."""
+        now = self.clock()
+        seconds, self._now = now - self._now, now
+        return seconds
+
+    def _timed(self, observe: Callable[[float], None] | None, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` as a timed segment; the time since the last segment ended (the step's
+        logging) counts in it, so every second of the run is counted once."""
+        if observe is None:
+            return fn()
+        out = fn()
+        observe(self._lap())
+        return out
+
+    def _agree(self, value: int) -> int:
+        """Rank 0's ``value`` on every rank (plans depend on each process's own timing)."""
+        if not self.dist.enabled:
+            return value
+        t = torch.tensor([float(value) if self.dist.is_main else 0.0], dtype=torch.float64)
+        return int(all_reduce_sum(t, self.dist).item())
+
+    def _budget_after_step(self, step_s: float, logger: RunLogger) -> dict[str, float] | None:
+        """Feed the time budget one step; plan (after an evaluation, timed, when none was yet) or
+        correct the step count. Returns the planning evaluation's metrics, if one ran."""
+        budget = self.budget
+        assert budget is not None
+        budget.observe_step(step_s)
+        evaluated = None
+        if not budget.planned:
+            if not self._agree(int(budget.ready())):
+                return None
+            if budget.eval_s is None:  # the plan needs an evaluation's cost: measure one (logged as any other)
+                evaluated = self._timed(budget.observe_eval, self.evaluate)
+                if evaluated:
+                    logger.log(self.step, "eval", evaluated)
+            plan = budget.plan(self.step, self._now)
+            new = self._agree(plan.max_steps)
+            plan.max_steps = new
+            self._set_max_steps(new)
+            logger.set_total(new)
+            logger.print(plan.describe())
+            return evaluated
+        if not budget.check_due(self._now):
+            return None
+        plan = budget.check(self.step, self._now)
+        new = self._agree(plan.max_steps if plan is not None else self.max_steps)
+        if new != self.max_steps:
+            if budget.plan_ is not None:
+                budget.plan_.max_steps = new
+            self._set_max_steps(new)
+            logger.set_total(new)
+            logger.print(f"step {self.step}: {budget.plan_.describe() if budget.plan_ else ''} (re-planned)")
+        return None
 
     def _load_weights(self, weights: dict[str, torch.Tensor], strict: bool):
         """Load whole tensors into the model (cut to this process's shards under FSDP)."""
@@ -330,6 +454,9 @@ class Engine:
         if self.dist.is_main:
             state = {"step": self.step, "data": self.objective.state_dict(), "world_size": self.dist.world_size,
                      "global_batch_size": self.ctx.global_batch_size, "parallel": "fsdp" if self.sharded else "ddp"}
+            budget = self.budget.state(self._now) if self.budget is not None else getattr(self, "_saved_budget", None)
+            if budget:
+                state["budget"] = budget
             save_checkpoint(
                 path,
                 self.model,
@@ -350,6 +477,11 @@ class Engine:
         if self.dist.enabled:
             torch.distributed.barrier()
         return path
+
+    def evaluate_before_training(self) -> dict[str, float]:
+        """The held-out metrics before the first step (fine-tuning's "before"), timed as the run's
+        evaluation cost when a time budget is set, so the budget does not run one more to plan."""
+        return self._timed(self.budget.observe_eval if self.budget is not None else None, self.evaluate)
 
     def evaluate(self) -> dict[str, float]:
         self.model.eval()
@@ -402,15 +534,20 @@ class Engine:
         ``report=False`` and calls :meth:`write_report` itself."""
         cfg, dist = self.cfg, self.dist
         net = unwrap(self.model)
-        logger = RunLogger(self.out_dir, self.log_cfg, dist.is_main, cfg.max_steps, self.step, self.run_config)
+        logger = RunLogger(self.out_dir, self.log_cfg, dist.is_main, self.max_steps, self.step, self.run_config)
+        budget = self.budget
+        observe_eval = budget.observe_eval if budget is not None else None
+        observe_save = budget.observe_save if budget is not None else None
         if hasattr(net, "num_params"):
+            chosen = f"{self.precision} ({cfg.precision})" if cfg.precision != self.precision else self.precision
+            threads = f", {torch.get_num_threads()} threads" if self.device.type == "cpu" else ""
             logger.print(
                 f"model: {net.num_params() / 1e6:.2f}M parameters, {net.flops_per_token() / 1e6:.1f} MFLOP/token | "
-                f"device {self.device} x{dist.world_size}, {cfg.precision}, global batch {self.ctx.global_batch_size}"
+                f"device {self.device} x{dist.world_size}{threads}, {chosen}, global batch {self.ctx.global_batch_size}"
             )
         final: dict[str, float] = {}
         if cfg.eval_at_start and self.step == 0:
-            final = self.evaluate()
+            final = self._timed(observe_eval, self.evaluate)
             logger.log(0, "eval", final)
         start = time.perf_counter()
         train_time = 0.0
@@ -419,7 +556,10 @@ class Engine:
         weight_sum = 0.0
         window_t0, window_tokens = time.perf_counter(), 0
         self.model.train()
-        while self.step < cfg.max_steps:
+        if budget is not None:
+            self._lap()  # setup since the engine's creation counts in the budget, not as a step
+        load_checked = time.perf_counter()
+        while self.step < self.max_steps:
             t0 = time.perf_counter()
             lr_mult = self._lr_mult(self.step)
             self.optimizer.set_lr_multiplier(lr_mult)
@@ -463,8 +603,23 @@ class Engine:
             tokens_total += step_tokens
             window_tokens += step_tokens
             train_time += time.perf_counter() - t0
+            logger.advance(self.step)
+            watcher = self.threads
+            if watcher is not None and not watcher.fixed and time.perf_counter() - load_checked >= LOAD_CHECK_S:
+                load_checked = time.perf_counter()
+                n = watcher.threads()  # each process for itself: no collective at a time-based point
+                if n != torch.get_num_threads():
+                    logger.print(f"step {self.step}: {n} CPU thread(s): other processes keep "
+                                 f"{watcher.caps.cores - n} of {watcher.caps.cores} cores busy" if n < watcher.limit
+                                 else f"step {self.step}: {n} CPU threads: the other processes' load is gone")
+                    torch.set_num_threads(n)
+            if budget is not None:
+                planning_eval = self._budget_after_step(self._lap(), logger)
+                if planning_eval:
+                    final = planning_eval
+                    window_t0 = time.perf_counter()
 
-            last = self.step == cfg.max_steps
+            last = self.step >= self.max_steps
             if self.step % cfg.log_interval == 0 or last:
                 train_loss = all_reduce_sum(loss_sum.double().cpu().reshape(1), dist).item() / weight_sum
                 if not math.isfinite(train_loss):
@@ -484,13 +639,13 @@ class Engine:
                 logger.progress(self.step, {"loss": f"{train_loss:.4f}", "tok/s": f"{tps:,.0f}"})
                 window_t0, window_tokens = time.perf_counter(), 0
             if (cfg.eval_interval and self.step % cfg.eval_interval == 0) or last:
-                final = self.evaluate()
+                final = self._timed(observe_eval, self.evaluate)
                 if final:
                     logger.log(self.step, "eval", final)
                     logger.print(f"step {self.step}: " + "  ".join(f"{k} {v:.4f}" for k, v in final.items()))
                 window_t0 = time.perf_counter()
             if (cfg.ckpt_interval and self.step % cfg.ckpt_interval == 0) or last:
-                self.save()
+                self._timed(observe_save, self.save)
                 window_t0 = time.perf_counter()
         logger.close()
         wall = time.perf_counter() - start
@@ -502,6 +657,8 @@ class Engine:
             tokens_per_s=tokens_total / max(train_time, 1e-9),
             final=final,
             peak_rss_mib=peak_rss_mib(),
+            precision=self.precision,
+            budget=budget.state(self._now) if budget is not None else None,
         )
         saved = list_checkpoints(self.out_dir)
         result.checkpoint = str(saved[-1]) if saved else None

@@ -29,7 +29,7 @@ from .checkpoint import (
     resolve_checkpoint,
 )
 from .continual import ContinualConfig, describe, make_penalties, replay_sft_objective
-from .engine import Engine, TrainConfig
+from .engine import Engine, TrainConfig, autocast_dtype, resolve_train_precision
 from .objectives.classify import ClassifyConfig, ClassifyObjective
 from .objectives.dpo import DPOConfig, DPOObjective, reference_for
 from .objectives.sft import SFTConfig, SFTObjective
@@ -128,6 +128,30 @@ def _load_data(cfg: FinetuneConfig, out: Path):
     return train_ex, val_ex, labels, report
 
 
+def preview_finetune(cfg: FinetuneConfig, n: int, color: bool = False) -> str:
+    """``--preview N``: the first N chat SFT training examples, rendered and tokenized as training
+    will see them, loss-carrying tokens marked (:mod:`.objectives.preview`). Loads no model."""
+    import tempfile
+
+    from ..tokenizer import Tokenizer
+    from ..tokenizer.chat import ChatTemplate
+    from .objectives.preview import preview
+
+    if n < 1:
+        raise ConfigError(f"--preview must be at least 1, got {n}")
+    if cfg.objective != "sft":
+        raise ConfigError(f"--preview shows chat SFT examples; this recipe's objective is {cfg.objective}")
+    if not cfg.base:
+        raise ConfigError("no base model: set base=CHECKPOINT (its tokenizer and chat template render the examples)")
+    base = resolve_checkpoint(cfg.base)
+    context = int(read_config(base)["model"]["context_length"])
+    with tempfile.TemporaryDirectory() as tmp:  # rejects files, if asked for, are not this command's output
+        train_ex, _, _, _ = _load_data(replace(cfg, data=replace(cfg.data, max_val_records=1)), Path(tmp))
+    return preview(train_ex, Tokenizer.from_file(base / "tokenizer.json"), ChatTemplate.from_checkpoint(base),
+                   assistant_only=cfg.sft.assistant_only, max_length=min(cfg.sft.max_length, context), n=n,
+                   color=color, total=len(train_ex))
+
+
 def run_finetune(cfg: FinetuneConfig, resume: bool = False) -> dict[str, Any]:
     from ..tokenizer import Tokenizer
     from ..tokenizer.chat import ChatTemplate
@@ -155,8 +179,9 @@ def run_finetune(cfg: FinetuneConfig, resume: bool = False) -> dict[str, Any]:
             peft = replace(peft, modules_to_save=[*peft.modules_to_save, "score"])
     apply_peft(model, peft, tokenizer=tokenizer, total_steps=cfg.train.max_steps, seed=cfg.train.seed)
     params = trainable_summary(model)
-    if peft.method != "none" and cfg.train.precision in ("bf16", "fp16"):
-        store_frozen_in(model, torch.bfloat16 if cfg.train.precision == "bf16" else torch.float16)
+    compute = autocast_dtype(resolve_train_precision(cfg.train))
+    if peft.method != "none" and compute is not None:  # the frozen base in the autocast dtype (bf16 only where fast)
+        store_frozen_in(model, compute)
     context = model.config.context_length - model.virtual_tokens
 
     if cfg.continual.replay_data and cfg.objective != "sft":
@@ -205,7 +230,7 @@ def run_finetune(cfg: FinetuneConfig, resume: bool = False) -> dict[str, Any]:
             f"{params['trainable_params']:,} trainable of {params['total_params']:,} parameters "
             f"({params['trainable_percent']:.3f}%); {len(train_ex)} train / {len(val_ex)} val examples"
         )
-    start_eval = engine.evaluate() if val_ex and engine.step == 0 else {}
+    start_eval = engine.evaluate_before_training() if val_ex and engine.step == 0 else {}
     t0 = time.perf_counter()
     result = engine.fit(report=False)  # the report card is written below, with this run's summary
     wall = time.perf_counter() - t0

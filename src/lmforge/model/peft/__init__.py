@@ -171,6 +171,11 @@ class PeftHandle:
         if self.allocator is not None:
             self.allocator.after_step(step)
 
+    def on_plan(self, total_steps: int) -> None:
+        """The run's length was set by a time budget: AdaLoRA's rank schedule follows it."""
+        if self.allocator is not None:
+            self.allocator.set_total_steps(total_steps, self.cfg.tinit_fraction, self.cfg.tfinal_fraction)
+
     def metrics(self) -> dict[str, float]:
         if self.allocator is None:
             return {}
@@ -288,7 +293,8 @@ def adapter_state_dict(model) -> dict[str, torch.Tensor]:
 
 
 def trainable_summary(model) -> dict[str, float]:
-    total = sum(p.numel() for p in model.parameters())
+    # num_params: a tied model's bf16 lm_head copy (store_frozen_in) is not counted twice
+    total = model.num_params() if hasattr(model, "num_params") else sum(p.numel() for p in model.parameters())
     quant_total = sum(b.numel() * (2 if b.dtype == torch.uint8 else 1) for n, b in model.named_buffers() if "weight_int" in n)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total += quant_total

@@ -42,6 +42,11 @@ class RankAllocator:
         self.mask: dict[tuple[int, str], torch.Tensor] | None = None
         self.budget = self.init_budget
 
+    def set_total_steps(self, total_steps: int, tinit_fraction: float, tfinal_fraction: float) -> None:
+        """Stretch the schedule to a run of ``total_steps`` (its phases keep their shares)."""
+        self.total_steps = total_steps
+        self.tinit, self.tfinal = int(tinit_fraction * total_steps), int(tfinal_fraction * total_steps)
+
     def budget_at(self, step: int) -> tuple[int, bool]:
         """(budget, whether to prune now) after optimizer step ``step`` (1-based)."""
         if step <= self.tinit:

@@ -23,11 +23,11 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ...config import from_dict, to_dict
 from ...errors import LmforgeError
-from ...fileio import atomic_write_json
+from ...fileio import atomic_write_json, save_safetensors
 from . import PROJECTIONS, PeftConfig, adapter_state_dict, apply_peft
 
 META_FILE = "lmforge_adapter.json"
@@ -201,7 +201,7 @@ def save_adapter(out: Path, model, *, base_checkpoint: str | None, extra: dict[s
                 "base_model_name_or_path": base_checkpoint,
             },
         )
-    save_file(weights, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    save_safetensors(weights, out / WEIGHTS_FILE, metadata={"format": "pt"})
     meta = {
         "format": "lmforge-adapter",
         "method": cfg.method,

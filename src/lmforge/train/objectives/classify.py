@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ...errors import DataError
-from .base import Batch, Objective
+from .base import Batch, Objective, eval_batches
 from .batching import BatchPlan, pad_batch
 
 
@@ -101,7 +101,7 @@ class ClassifyObjective(Objective):
         order = sorted(range(len(items)), key=lambda i: len(items[i][0]))
         out = [0] * len(items)
         bs = self.cfg.eval_batch_size
-        for i in range(0, len(order), bs):
+        for i in eval_batches(range(0, len(order), bs), self.ctx):
             chunk = order[i : i + bs]
             batch = self._batch([items[k] for k in chunk])
             with self.ctx.autocast():

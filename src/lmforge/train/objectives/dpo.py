@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ...errors import DataError
 from ..distributed import DistInfo, any_rank, is_sharded
-from .base import Batch, Objective
+from .base import Batch, Objective, eval_batches
 from .batching import BatchPlan
 
 
@@ -171,7 +171,7 @@ class DPOObjective(Objective):
             return {}
         bs = self.cfg.eval_batch_size
         losses, margins, pol_pref, ref_pref = [], [], [], []
-        for s in range(0, len(self.val), bs):
+        for s in eval_batches(range(0, len(self.val), bs), self.ctx):
             idx = list(range(s, min(s + bs, len(self.val))))
             ref = self._reference_logps("val", self.val, idx)
             with self.ctx.autocast():

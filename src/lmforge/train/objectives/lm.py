@@ -14,7 +14,7 @@ from ...errors import ConfigError, DataError
 from ...eval.perplexity import bits_per_byte, token_byte_lengths
 from ...tokenizer import Tokenizer
 from ..distributed import DistInfo, all_reduce_sum
-from .base import Batch, Objective
+from .base import Batch, Objective, eval_batches
 
 
 class LMObjective(Objective):
@@ -102,7 +102,7 @@ class LMObjective(Objective):
         mine = self.eval_windows()[self.ctx.rank :: self.ctx.world_size]
         totals = torch.zeros(3, dtype=torch.float64)  # nats, tokens, bytes
         bs = self.ctx.micro_batch_size
-        for i in range(0, len(mine), bs):
+        for i in eval_batches(range(0, len(mine), bs), self.ctx):
             x, y = self._windows(self.val, mine[i : i + bs])
             with self.ctx.autocast():
                 loss = model(x, y)

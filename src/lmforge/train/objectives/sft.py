@@ -24,7 +24,7 @@ import torch
 
 from ...errors import DataError
 from ..distributed import DistInfo, all_reduce_sum
-from .base import Batch, Objective
+from .base import Batch, Objective, eval_batches
 from .batching import BatchPlan
 
 
@@ -58,19 +58,28 @@ def _spans_chat(messages: list[dict], template) -> tuple[str, list[tuple[int, in
     return text, spans
 
 
+def chat_segments(messages: list[dict], tokenizer, template) -> list[tuple[list[int], bool]]:
+    """A conversation's tokens as ``(ids, is an assistant turn)`` pieces, in order: the text
+    rendered by the template, tokenized piece by piece at the assistant turns' boundaries (each
+    assistant piece runs from after its header through its end-of-turn marker)."""
+    text, spans = _spans_chat(messages, template)
+    pieces, pos = [], 0
+    for s, e in [*spans, (len(text), len(text))]:
+        for lo, hi, assistant in ((pos, s, False), (s, e, True)):
+            if hi > lo:
+                pieces.append((tokenizer.encode(text[lo:hi]), assistant))
+        pos = e
+    return pieces
+
+
 def tokenize_example(example: dict, tokenizer, template, assistant_only: bool) -> tuple[list[int], list[int]]:
     """Token ids and labels (-100 where no loss) of one SFT example."""
     eot = tokenizer.eot_id
     if "messages" in example:
-        text, spans = _spans_chat(example["messages"], template)
-        ids, labels, pos = [], [], 0
-        for s, e in [*spans, (len(text), len(text))]:
-            for lo, hi, loss in ((pos, s, False), (s, e, True)):
-                if hi > lo:
-                    piece = tokenizer.encode(text[lo:hi])
-                    ids += piece
-                    labels += piece if (loss or not assistant_only) else [-100] * len(piece)
-            pos = e
+        ids, labels = [], []
+        for piece, assistant in chat_segments(example["messages"], tokenizer, template):
+            ids += piece
+            labels += piece if (assistant or not assistant_only) else [-100] * len(piece)
         return ids, labels
     prompt, completion = example["prompt"], example["completion"]
     p_ids = tokenizer.encode(prompt)
@@ -169,7 +178,7 @@ class SFTObjective(Objective):
         mine = self.val[self.ctx.rank :: self.ctx.world_size]
         totals = torch.zeros(2, dtype=torch.float64)
         bs = self.cfg.eval_batch_size
-        for i in range(0, len(mine), bs):
+        for i in eval_batches(range(0, len(mine), bs), self.ctx):
             batch = self._batch(mine[i : i + bs])
             y = batch["labels"]
             n = int((y != -100).sum())
