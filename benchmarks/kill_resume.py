@@ -72,15 +72,16 @@ def install_kill(point: str, at: int) -> None:
 
     engine.Engine.save = counting_save
     if point in ("save-model", "save-optimizer"):
-        real_file = checkpoint.save_file
+        real_file = checkpoint.save_safetensors
         wanted = "model.safetensors" if point == "save-model" else "optimizer.safetensors"
 
         def save_file(tensors, filename, *a, **k):
-            real_file(tensors, filename, *a, **k)
-            if saves["n"] == at and filename.endswith(wanted):
+            out = real_file(tensors, filename, *a, **k)
+            if saves["n"] == at and str(filename).endswith(wanted):
                 _die()
+            return out
 
-        checkpoint.save_file = save_file
+        checkpoint.save_safetensors = save_file
     elif point == "save-state":
         real_json = checkpoint.atomic_write_json
 
