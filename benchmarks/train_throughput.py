@@ -150,6 +150,30 @@ class Runner:
         raise NotImplementedError
 
 
+class PlainLoop(Runner):
+    """A plain training loop timed around its steps: loss, backward, clip, step, zero_grad."""
+
+    pool: list
+    optimizer: torch.optim.Optimizer
+    tokens_per_step: int
+    step = 0
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def run(self, n: int) -> tuple[float, int]:
+        model, opt = self.model, self.optimizer
+        t0 = time.perf_counter()
+        for _ in range(n):
+            x, y = self.pool[self.step % len(self.pool)]
+            self.loss(x, y).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            self.step += 1
+        return time.perf_counter() - t0, n * self.tokens_per_step
+
+
 class LmforgeRunner(Runner):
     """lmforge through its real training loop: Engine.fit() with a fixed-batch Objective.
 
@@ -225,7 +249,7 @@ class LmforgeRunner(Runner):
         self.last_window_tokens_per_s: float | None = None
 
     def run(self, n: int) -> tuple[float, int]:
-        self.engine.cfg.max_steps = self.engine.step + n
+        self.engine.cfg.max_steps = self.engine.max_steps = self.engine.step + n
         res = self.engine.fit()
         lines = (Path(self._tmp.name) / "metrics.jsonl").read_text().splitlines()
         last = json.loads(lines[-1]) if lines else {}
@@ -233,7 +257,7 @@ class LmforgeRunner(Runner):
         return res.train_s, res.tokens
 
 
-class HFRunner(Runner):
+class HFRunner(PlainLoop):
     """Hugging Face GPT2LMHeadModel (sdpa) in a plain training loop, timed around the steps."""
 
     def __init__(self, case: Case, precision: str, pool, threads: int):
@@ -255,24 +279,12 @@ class HFRunner(Runner):
         self.autocast: Callable = (
             (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else (lambda: torch.autocast("cpu", enabled=False))
         )
-        self.step = 0
-
-    def run(self, n: int) -> tuple[float, int]:
-        model, opt = self.model, self.optimizer
-        t0 = time.perf_counter()
-        for _ in range(n):
-            x, _ = self.pool[self.step % len(self.pool)]
-            with self.autocast():
-                loss = model(input_ids=x, labels=x, use_cache=False).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            self.step += 1
-        return time.perf_counter() - t0, n * self.tokens_per_step
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with self.autocast():
+            return self.model(input_ids=x, labels=x, use_cache=False).loss
 
 
-class LoopRunner(Runner):
+class LoopRunner(PlainLoop):
     """The plain-PyTorch nanoGPT-style model and step of ``benchmarks/nanogpt_loop.py`` (no
     biases, exact GELU, learned positions, sdpa, tied embeddings; AdamW with torch's default
     foreach kernel, as nanoGPT uses on a CPU; clip 1.0), fp32, at this case's shape."""
@@ -289,20 +301,9 @@ class LoopRunner(Runner):
         torch.manual_seed(SEED)
         self.model = NanoGPT(case.vocab_size, max(case.context, cfg.get("n_positions", 1024)), layers, heads, width)
         self.optimizer = torch.optim.AdamW(weight_decay_groups(self.model), lr=LR, betas=BETAS, eps=EPS)
-        self.step = 0
 
-    def run(self, n: int) -> tuple[float, int]:
-        model, opt = self.model, self.optimizer
-        t0 = time.perf_counter()
-        for _ in range(n):
-            x, y = self.pool[self.step % len(self.pool)]
-            loss = model(x, y)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            self.step += 1
-        return time.perf_counter() - t0, n * self.tokens_per_step
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.model(x, y)
 
 
 def build_runner(case: Case, name: str, pool, threads: int) -> Runner:
@@ -602,7 +603,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nwall time {report['meta']['wall_s']:.0f}s; load average {report['meta']['loadavg_start']} -> {report['meta']['loadavg_end']}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_results(args.out, report)
-    print(f"wrote {args.out}")
     return 0
 
 
