@@ -52,9 +52,14 @@ def peak_rss_mib() -> float:
     return float("nan")
 
 
-def worker(side: str, base: str, hf_dir: str, steps: int, warmup: int, batch: int, max_length: int, r: int, threads: int) -> dict:
+def worker(side: str, base: str, hf_dir: str, steps: int, warmup: int, batch: int, max_length: int, r: int, threads: int,
+           precision: str = "auto") -> dict:
     import torch
 
+    from lmforge.hardware import autocast_dtype, resolve_precision
+
+    # both sides in the precision `lmforge finetune` picks here (auto: bf16 where it is fast)
+    amp = autocast_dtype(resolve_precision(precision, "cpu"))
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     data, pad = batches(base, steps + warmup, batch, max_length)
@@ -64,7 +69,8 @@ def worker(side: str, base: str, hf_dir: str, steps: int, warmup: int, batch: in
 
         model, _ = load_model(base)
         apply_peft(model, PeftConfig(method="lora", r=r, alpha=2 * r, dropout=0.05, target_modules=TARGETS))
-        store_frozen_in(model, torch.bfloat16)  # as `lmforge finetune` does under bf16 autocast
+        if amp is not None:
+            store_frozen_in(model, amp)  # as `lmforge finetune` does under autocast
 
         def step_loss(rows):
             T = max(len(i) for i, _ in rows) - 1
@@ -98,7 +104,7 @@ def worker(side: str, base: str, hf_dir: str, steps: int, warmup: int, batch: in
     tokens, elapsed, losses = 0, 0.0, []
     for i, rows in enumerate(data):
         t0 = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=amp or torch.bfloat16, enabled=amp is not None):
             loss = step_loss(rows)
         loss.backward()
         opt.step()
@@ -115,6 +121,7 @@ def worker(side: str, base: str, hf_dir: str, steps: int, warmup: int, batch: in
         "trainable": sum(p.numel() for p in params),
         "first_loss": losses[0],
         "steps": steps,
+        "precision": str(amp or torch.float32).replace("torch.", ""),
     }
 
 
@@ -131,9 +138,12 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/lora_sft.json"))
     ap.add_argument("--worker", choices=["lmforge", "transformers"])
     ap.add_argument("--hf-dir")
+    ap.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                    help="both sides (auto: what lmforge picks on this CPU, `lmforge env`)")
     a = ap.parse_args()
     if a.worker:
-        print(json.dumps(worker(a.worker, a.base, a.hf_dir, a.steps, a.warmup, a.batch, a.max_length, a.r, a.threads)))
+        print(json.dumps(worker(a.worker, a.base, a.hf_dir, a.steps, a.warmup, a.batch, a.max_length, a.r, a.threads,
+                                a.precision)))
         return
     from lmforge.io.hf import export_hf
 
@@ -145,7 +155,8 @@ def main() -> None:
             for side in order:
                 cmd = [sys.executable, __file__, "--worker", side, "--base", a.base, "--hf-dir", str(hf_dir),
                        "--steps", str(a.steps), "--warmup", str(a.warmup), "--batch", str(a.batch),
-                       "--max-length", str(a.max_length), "--r", str(a.r), "--threads", str(a.threads)]
+                       "--max-length", str(a.max_length), "--r", str(a.r), "--threads", str(a.threads),
+                       "--precision", a.precision]
                 out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
                 res = json.loads(out)
                 results[side].append(res)
@@ -153,7 +164,8 @@ def main() -> None:
                       f"first loss {res['first_loss']:.4f}  trainable {res['trainable']:,}", flush=True)
     best = {s: max(rs, key=lambda r: r["tokens_per_s"]) for s, rs in results.items()}
     summary = {
-        "settings": {k: getattr(a, k) for k in ("steps", "warmup", "batch", "max_length", "r", "rounds", "threads")},
+        "settings": {k: getattr(a, k) for k in ("steps", "warmup", "batch", "max_length", "r", "rounds", "threads",
+                                                "precision")},
         "best": best,
         "speed_ratio": best["lmforge"]["tokens_per_s"] / best["transformers"]["tokens_per_s"],
         "memory_ratio": min(r["peak_rss_mib"] for r in results["lmforge"]) / min(r["peak_rss_mib"] for r in results["transformers"]),

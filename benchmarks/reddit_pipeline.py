@@ -151,7 +151,7 @@ def main() -> None:
         "memory_ratio_largest_over_smallest": ratios,
     }
     write_results(args.out, result)
-    print(f"ratios (largest / smallest size): {json.dumps(ratios)}\nwrote {args.out}")
+    print(f"ratios (largest / smallest size): {json.dumps(ratios)}")
 
 
 if __name__ == "__main__":

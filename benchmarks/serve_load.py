@@ -253,7 +253,6 @@ def main() -> None:
     write_results(args.out, result)
     print(json.dumps({k: result[k] for k in ("load_vs_single_tokens_per_s", "errors")} |
                      {"streams_speedup": result["streams"]["speedup"]}, indent=2))
-    print(f"wrote {args.out}")
     if errors:
         sys.exit(1)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -78,8 +79,11 @@ def main() -> None:
     rows = []
     for r in range(args.rounds):
         for name in names if r % 2 == 0 else names[::-1]:
+            load_before = os.getloadavg()[0]
             row = run_loop(work, args.loop_iters) if name == LOOP else run_recipe(name, work, args.overrides)
             row["round"] = r
+            # the 1-minute load average before and after: a run that others' jobs slowed shows here
+            row["load_avg_1min"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
             rows.append(row)
             print(json.dumps(row), flush=True)
 

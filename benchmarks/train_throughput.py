@@ -87,7 +87,7 @@ CASES: dict[str, Case] = {
             bos_token_id=None,
             eos_token_id=None,
         ),
-        configs=["lmforge-fp32", "lmforge-bf16", "hf-fp32", "hf-bf16"],
+        configs=["lmforge-fp32", "lmforge-bf16", "hf-fp32", "hf-bf16", "loop-fp32"],
         full=(10, 5, 40, 5),
         quick=(2, 1, 4, 2),
         notes=[
@@ -104,7 +104,7 @@ CASES: dict[str, Case] = {
         context=256,
         batch=4,
         hf_config=dict(),  # GPT2Config() defaults: 12L/12H/768d, n_positions 1024, vocab 50257, gelu_new
-        configs=["lmforge-bf16", "lmforge-fp32", "hf-fp32", "hf-bf16"],
+        configs=["lmforge-bf16", "lmforge-fp32", "hf-fp32", "hf-bf16", "loop-fp32"],
         full=(1, 0, 2, 3),
         quick=(0, 0, 1, 1),
         notes=[
@@ -148,6 +148,30 @@ class Runner:
 
     def run(self, n: int) -> tuple[float, int]:
         raise NotImplementedError
+
+
+class PlainLoop(Runner):
+    """A plain training loop timed around its steps: loss, backward, clip, step, zero_grad."""
+
+    pool: list
+    optimizer: torch.optim.Optimizer
+    tokens_per_step: int
+    step = 0
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def run(self, n: int) -> tuple[float, int]:
+        model, opt = self.model, self.optimizer
+        t0 = time.perf_counter()
+        for _ in range(n):
+            x, y = self.pool[self.step % len(self.pool)]
+            self.loss(x, y).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            self.step += 1
+        return time.perf_counter() - t0, n * self.tokens_per_step
 
 
 class LmforgeRunner(Runner):
@@ -225,7 +249,7 @@ class LmforgeRunner(Runner):
         self.last_window_tokens_per_s: float | None = None
 
     def run(self, n: int) -> tuple[float, int]:
-        self.engine.cfg.max_steps = self.engine.step + n
+        self.engine.cfg.max_steps = self.engine.max_steps = self.engine.step + n
         res = self.engine.fit()
         lines = (Path(self._tmp.name) / "metrics.jsonl").read_text().splitlines()
         last = json.loads(lines[-1]) if lines else {}
@@ -233,7 +257,7 @@ class LmforgeRunner(Runner):
         return res.train_s, res.tokens
 
 
-class HFRunner(Runner):
+class HFRunner(PlainLoop):
     """Hugging Face GPT2LMHeadModel (sdpa) in a plain training loop, timed around the steps."""
 
     def __init__(self, case: Case, precision: str, pool, threads: int):
@@ -255,26 +279,36 @@ class HFRunner(Runner):
         self.autocast: Callable = (
             (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else (lambda: torch.autocast("cpu", enabled=False))
         )
-        self.step = 0
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with self.autocast():
+            return self.model(input_ids=x, labels=x, use_cache=False).loss
 
-    def run(self, n: int) -> tuple[float, int]:
-        model, opt = self.model, self.optimizer
-        t0 = time.perf_counter()
-        for _ in range(n):
-            x, _ = self.pool[self.step % len(self.pool)]
-            with self.autocast():
-                loss = model(input_ids=x, labels=x, use_cache=False).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            self.step += 1
-        return time.perf_counter() - t0, n * self.tokens_per_step
+
+class LoopRunner(PlainLoop):
+    """The plain-PyTorch nanoGPT-style model and step of ``benchmarks/nanogpt_loop.py`` (no
+    biases, exact GELU, learned positions, sdpa, tied embeddings; AdamW with torch's default
+    foreach kernel, as nanoGPT uses on a CPU; clip 1.0), fp32, at this case's shape."""
+
+    def __init__(self, case: Case, precision: str, pool, threads: int):
+        from nanogpt_loop import NanoGPT
+
+        assert precision == "fp32", "the nanoGPT-style loop is the fp32 peer"
+        cfg = CASES[case.key].hf_config
+        layers, heads, width = cfg.get("n_layer", 12), cfg.get("n_head", 12), cfg.get("n_embd", 768)
+        self.name = "loop-fp32"
+        self.pool = pool
+        self.tokens_per_step = case.batch * case.context
+        torch.manual_seed(SEED)
+        self.model = NanoGPT(case.vocab_size, max(case.context, cfg.get("n_positions", 1024)), layers, heads, width)
+        self.optimizer = torch.optim.AdamW(weight_decay_groups(self.model), lr=LR, betas=BETAS, eps=EPS)
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.model(x, y)
 
 
 def build_runner(case: Case, name: str, pool, threads: int) -> Runner:
     lib, precision = name.split("-")
-    runner = (LmforgeRunner if lib == "lmforge" else HFRunner)(case, precision, pool, threads)
+    runner = {"lmforge": LmforgeRunner, "hf": HFRunner, "loop": LoopRunner}[lib](case, precision, pool, threads)
     torch.set_num_threads(threads)  # the Engine sets it too; keep both sides identical
     return runner
 
@@ -363,7 +397,7 @@ def measure_case(case: Case, configs: list[str], schedule: tuple[int, int, int, 
             "model_gflops_per_s": med * flops / 1e9,
             "params": sum(p.numel() for p in runners[name].model.parameters()),
         }
-        for ref in ("hf-fp32", "hf-bf16"):
+        for ref in ("hf-fp32", "hf-bf16", "loop-fp32"):
             if ref in per_round:
                 ratios = [a / b for a, b in zip(vals, per_round[ref])]
                 row[f"ratio_vs_{ref}"] = statistics.median(ratios)
@@ -430,8 +464,9 @@ def fmt_ratio(row: dict[str, Any], ref: str) -> str:
 
 def markdown_table(report: dict[str, Any]) -> str:
     rss = any("peak_rss_mib" in row for c in report["cases"].values() for row in c["results"].values())
-    head = "| case | config | tokens/s (median) | ms/step | model GFLOP/s | vs HF fp32 (min-max) | vs HF bf16 (min-max) |"
-    sep = "|---|---|---:|---:|---:|---:|---:|"
+    head = ("| case | config | tokens/s (median) | ms/step | model GFLOP/s | vs HF fp32 (min-max) | vs HF bf16 (min-max) "
+            "| vs nanoGPT-style loop fp32 (min-max) |")
+    sep = "|---|---|---:|---:|---:|---:|---:|---:|"
     if rss:
         head += " peak RSS MiB |"
         sep += "---:|"
@@ -440,7 +475,7 @@ def markdown_table(report: dict[str, Any]) -> str:
         for name, row in c["results"].items():
             line = (
                 f"| {key} | {name} | {row['tokens_per_s']:,.0f} | {row['ms_per_step']:,.1f} | {row['model_gflops_per_s']:,.1f} | "
-                f"{fmt_ratio(row, 'hf-fp32')} | {fmt_ratio(row, 'hf-bf16')} |"
+                f"{fmt_ratio(row, 'hf-fp32')} | {fmt_ratio(row, 'hf-bf16')} | {fmt_ratio(row, 'loop-fp32')} |"
             )
             if rss:
                 line += f" {row['peak_rss_mib']:,.0f} |" if "peak_rss_mib" in row else " - |"
@@ -568,7 +603,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nwall time {report['meta']['wall_s']:.0f}s; load average {report['meta']['loadavg_start']} -> {report['meta']['loadavg_end']}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_results(args.out, report)
-    print(f"wrote {args.out}")
     return 0
 
 

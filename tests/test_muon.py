@@ -35,8 +35,9 @@ def test_newton_schulz_in_bf16_is_torchs_and_fp32_is_its_exact_iteration(shape) 
 
 
 def _params(seed: int) -> list[torch.nn.Parameter]:
+    """Matrices as in a model: several of one shape (lmforge orthogonalises those as one stack)."""
     torch.manual_seed(seed)
-    return [torch.nn.Parameter(torch.randn(*s) * 0.1) for s in SHAPES]
+    return [torch.nn.Parameter(torch.randn(*s) * 0.1) for s in [*SHAPES, *SHAPES[:2]]]
 
 
 def _steps(opt: torch.optim.Optimizer, params, n: int = 3) -> None:

@@ -182,7 +182,8 @@ def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: f
     by upcasting."""
     B, H, T, D = q.shape
     S = k.shape[-2]
-    bias = causal_bias(T, S, q.dtype, q.device).expand(B * H, T, S)
+    make = causal_bias.__wrapped__ if torch.compiler.is_compiling() else causal_bias  # traced, not cached, in a graph
+    bias = make(T, S, q.dtype, q.device).expand(B * H, T, S)
     att = torch.baddbmm(bias, q.reshape(B * H, T, D), k.reshape(B * H, S, D).transpose(1, 2), alpha=D**-0.5)
     att = att.softmax(dim=-1)
     if dropout:
@@ -284,7 +285,10 @@ class MLP(nn.Module):
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
             h = F.silu(gate) * up
         elif self.kind == "relu2":
-            h = F.relu(self.up_proj(x)).square()
+            # r * r, not r.square(): square's backward goes through pow's generic kernel; measured
+            # forward+backward on (1536, 512) fp32, 2 threads, AVX2: 2.62 ms against 1.09 ms
+            r = F.relu(self.up_proj(x))
+            h = r * r
         else:
             h = F.gelu(self.up_proj(x), approximate="tanh" if self.kind == "gelu_tanh" else "none")
         return self.dropout(self.down_proj(h))
@@ -486,6 +490,11 @@ class GPT(nn.Module):
         h = h.reshape(-1, h.shape[-1])
         y = targets.reshape(-1)
         keep = y != -100
+        if torch.compiler.is_compiling() and y.numel() * self.config.vocab_size < self.chunk_above:
+            # no data-dependent count or gather: torch.compile keeps the loss in the model's graph
+            # (reading the count is a graph break that splits the forward and the backward)
+            logits = self.logits(h).float()
+            return F.cross_entropy(logits, y, ignore_index=-100, reduction="sum") / keep.sum().clamp(min=1)
         n = int(keep.sum())
         if n == 0:  # nothing carries loss: a zero that still has a graph
             return h.sum() * 0.0
