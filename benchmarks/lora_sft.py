@@ -32,7 +32,7 @@ def batches(base: str, n: int, batch: int, max_length: int):
     from lmforge.data.examples import load_examples
     from lmforge.tokenizer import Tokenizer
     from lmforge.tokenizer.chat import ChatTemplate
-    from lmforge.train.objectives.sft import tokenize_example
+    from lmforge.data.encoding import tokenize_example
 
     tok = Tokenizer.from_file(Path(base) / "tokenizer.json")
     template = ChatTemplate.from_checkpoint(base)

@@ -33,7 +33,7 @@ import json, sys, time, torch
 from lmforge.model.gpt import GPT, GPTConfig
 from lmforge.train.engine import Engine, TrainConfig
 from lmforge.train.objectives.base import Objective
-from lmforge.train.tracking import LogConfig
+from lmforge.runs.tracking import LogConfig
 
 steps, threads = int(sys.argv[1]), int(sys.argv[2])
 

@@ -188,7 +188,7 @@ class LmforgeRunner(Runner):
         from lmforge.model.presets import get_preset
         from lmforge.train.engine import Engine, TrainConfig
         from lmforge.train.objectives.base import Objective
-        from lmforge.train.tracking import LogConfig
+        from lmforge.runs.tracking import LogConfig
 
         class FixedBatches(Objective):
             """Serves the shared pool of random-token batches, cycled by step; no eval."""

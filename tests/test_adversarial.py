@@ -27,7 +27,7 @@ from lmforge.train.objectives.adversarial import (
     policy_gradient_loss,
     token_logps,
 )
-from lmforge.train.tracking import LogConfig
+from lmforge.runs.tracking import LogConfig
 
 QUIET = ["log.console=false", "log.tensorboard=false", "train.threads=1", "train.device=cpu", "train.precision=fp32"]
 if "report" in {f.name for f in fields(LogConfig)}:  # the engine's report card: plots this test does not check

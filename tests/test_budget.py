@@ -18,7 +18,7 @@ from lmforge.train.budget import TimeBudget
 from lmforge.train.checkpoint import list_checkpoints
 from lmforge.train.engine import Engine, TrainConfig
 from lmforge.train.objectives.lm import LMObjective
-from lmforge.train.tracking import LogConfig
+from lmforge.runs.tracking import LogConfig
 
 
 # ------------------------------------------------------------------------------ the planner

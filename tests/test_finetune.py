@@ -15,7 +15,7 @@ from lmforge.tokenizer import Tokenizer
 from lmforge.tokenizer.chat import ChatTemplate
 from lmforge.train.checkpoint import load_model
 from lmforge.train.finetune import FinetuneConfig, run_finetune
-from lmforge.train.objectives.sft import tokenize_example
+from lmforge.data.encoding import tokenize_example
 
 QUIET = ["log.console=false", "log.tensorboard=false", "train.threads=1", "train.device=cpu", "train.precision=fp32"]
 

@@ -42,7 +42,7 @@ from .objectives.adversarial import (
     write_samples,
 )
 from .objectives.dpo import reference_for
-from .tracking import LogConfig
+from ..runs.tracking import LogConfig
 
 
 @dataclass

@@ -47,7 +47,7 @@ from .distributed import (
 from .objectives.base import Objective, RunContext
 from .optim import build_optimizer
 from .schedule import lr_multiplier
-from .tracking import RUN_LOGS, LogConfig, RunLogger, set_aside_previous_run, trim_metrics
+from ..runs.tracking import RUN_LOGS, LogConfig, RunLogger, set_aside_previous_run, trim_metrics
 
 
 #: Seconds the report card takes after the last checkpoint (matplotlib and the plots of
@@ -505,12 +505,12 @@ class Engine:
         tables: Sequence[tuple[str, str]] = (),
         notes: str = "",
     ) -> Path | None:
-        """The run's report card, ``out_dir/report.md`` (:func:`lmforge.eval.report.write_report`:
+        """The run's report card, ``out_dir/report.md`` (:func:`lmforge.runs.report.write_report`:
         summary, curves from metrics.jsonl, the given figures and tables, the config), on the
         main rank when ``log.report`` is set. A failure is a warning: it never fails the run."""
         if not (self.dist.is_main and self.log_cfg.report):
             return None
-        from ..eval.report import write_report
+        from ..runs.report import write_report
 
         try:
             return write_report(

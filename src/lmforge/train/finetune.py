@@ -33,7 +33,7 @@ from .engine import Engine, TrainConfig, autocast_dtype, resolve_train_precision
 from .objectives.classify import ClassifyConfig, ClassifyObjective
 from .objectives.dpo import DPOConfig, DPOObjective, reference_for
 from .objectives.sft import SFTConfig, SFTObjective
-from .tracking import LogConfig
+from ..runs.tracking import LogConfig
 
 
 @dataclass
@@ -281,7 +281,7 @@ def run_finetune(cfg: FinetuneConfig, resume: bool = False) -> dict[str, Any]:
 def _classification_report(objective: ClassifyObjective, predictions: tuple[list[int], list[int]], out: Path) -> tuple[dict[str, Any], str]:
     """(headline metrics, the report as markdown) of ``predictions`` (true, predicted) on the
     held-out set; writes classification.json/.md and the confusion-matrix PNG into ``out``."""
-    from ..eval.metrics import (
+    from ..runs.metrics import (
         classification_report,
         format_report_markdown,
         plot_confusion_matrix,

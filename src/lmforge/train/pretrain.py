@@ -23,7 +23,7 @@ from .continual import (
 )
 from .engine import Engine, FitResult, TrainConfig
 from .objectives.lm import LMObjective
-from .tracking import LogConfig
+from ..runs.tracking import LogConfig
 
 
 @dataclass

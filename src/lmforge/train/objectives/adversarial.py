@@ -50,9 +50,9 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
+from ...data.encoding import pad_batch
 from ...errors import ConfigError, DataError
 from .base import Batch, Objective
-from .batching import pad_batch
 from .dpo import end_of_turn_id
 
 HUMAN, GENERATED = 1, 0
