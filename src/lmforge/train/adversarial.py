@@ -27,6 +27,7 @@ from ..config import to_dict
 from ..data.examples import ExampleFormat
 from ..errors import ConfigError
 from ..model.peft import PeftConfig, apply_peft, store_frozen_in, trainable_summary
+from ..runs.tracking import LogConfig
 from .checkpoint import (
     check_fresh_run,
     load_model,
@@ -34,6 +35,7 @@ from .checkpoint import (
     resolve_checkpoint,
 )
 from .engine import Engine, TrainConfig, autocast_dtype, resolve_train_precision
+from .hooks import EngineHook, peft_hooks
 from .objectives.adversarial import (
     AdversarialConfig,
     AdversarialObjective,
@@ -42,7 +44,6 @@ from .objectives.adversarial import (
     write_samples,
 )
 from .objectives.dpo import reference_for
-from ..runs.tracking import LogConfig
 
 
 @dataclass
@@ -195,9 +196,7 @@ def run_adversarial(cfg: AdversarialRunConfig, resume: bool = False) -> dict[str
                                              "peft": peft.method}}
     if "tokenizer" in base_config:
         extra["tokenizer"] = base_config["tokenizer"]
-    hooks: list[Any] = [objective, disc]
-    if getattr(generator, "peft", None) is not None:
-        hooks.append(generator.peft)
+    hooks: list[EngineHook] = [objective, disc, *peft_hooks(generator)]
     train_cfg = replace(cfg.train, eval_at_start=True)
     engine = Engine(
         generator, objective, train_cfg, out, log=cfg.log, tokenizer_file=base / "tokenizer.json",

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError, DataError
+from .hooks import EngineHook
 from .objectives.base import Batch, Objective, RunContext
 
 #: Steps the Fisher estimate draws its old batches from: far beyond any training step, so the
@@ -174,7 +175,7 @@ def _trained(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
     return [(n, p) for n, p in unwrap(model).named_parameters() if p.requires_grad]
 
 
-class L2Anchor:
+class L2Anchor(EngineHook):
     """Engine hook: ``weight * sum((theta - theta0)^2)`` over the trained parameters, with
     ``theta0`` their values when the hook is made (the start of the run)."""
 

@@ -28,6 +28,7 @@ from .. import hardware
 from ..config import to_dict
 from ..hardware import autocast_dtype
 from ..errors import ConfigError, LmforgeError
+from ..runs.tracking import RUN_LOGS, LogConfig, RunLogger, set_aside_previous_run, trim_metrics
 from .budget import TimeBudget, estimate_save_s
 from .checkpoint import (
     list_checkpoints,
@@ -44,10 +45,10 @@ from .distributed import (
     init_distributed,
     shard_model,
 )
+from .hooks import EngineHook
 from .objectives.base import Objective, RunContext
 from .optim import build_optimizer
 from .schedule import lr_multiplier
-from ..runs.tracking import RUN_LOGS, LogConfig, RunLogger, set_aside_previous_run, trim_metrics
 
 
 #: Seconds the report card takes after the last checkpoint (matplotlib and the plots of
@@ -169,25 +170,21 @@ class Engine:
         log: LogConfig | None = None,
         tokenizer_file: str | Path | None = None,
         run_config: dict[str, Any] | None = None,
-        hooks: list[Any] | None = None,
+        hooks: Sequence[EngineHook] = (),
         checkpoint_extra: dict[str, Any] | None = None,
         sidecars_from: str | Path | None = None,
         base_checkpoint: str | Path | None = None,
         clock: Callable[[], float] | None = None,
     ):
-        """``hooks``: objects with optional ``extra_loss()`` (a term added to every micro-batch's
-        loss, e.g. AdaLoRA's orthogonality penalty), ``after_step(step)`` (called after the
-        optimizer step with the gradients still present, e.g. AdaLoRA's rank allocation) and
-        ``metrics()`` (logged with the train metrics), ``on_save(path)`` / ``on_resume(path)``
-        (a checkpoint was written / is being resumed: state the hook owns, e.g. the adversarial
-        discriminator, goes in or comes from that directory). ``checkpoint_extra`` goes into every
+        """``hooks``: :class:`~lmforge.train.hooks.EngineHook` objects (extra loss terms, calls after
+        each optimizer step, metrics, and checkpoint save/resume of the state they own). ``checkpoint_extra`` goes into every
         checkpoint's config.json; ``sidecars_from`` and ``base_checkpoint`` as in
         :func:`~lmforge.train.checkpoint.save_checkpoint`. ``clock`` (seconds, monotonic; default
         ``time.perf_counter``) times the run for ``train.max_minutes`` (tests inject their own)."""
         self.clock = clock or time.perf_counter
         self._now = self.clock()  # the clock at the end of the last timed segment (step, evaluation, checkpoint)
         self.cfg = cfg
-        self.hooks = list(hooks or [])
+        self.hooks: list[EngineHook] = list(hooks)
         self.checkpoint_extra = dict(checkpoint_extra or {})
         self.sidecars_from = sidecars_from
         self.base_checkpoint = base_checkpoint
@@ -294,8 +291,7 @@ class Engine:
         self.step = int(state["step"])
         self._resume_budget(state.get("budget"))
         for hook in self.hooks:
-            if hasattr(hook, "on_resume"):
-                hook.on_resume(ckpt)
+            hook.on_resume(ckpt)
         return ckpt
 
     def _resume_budget(self, saved: dict[str, Any] | None) -> None:
@@ -317,8 +313,7 @@ class Engine:
     def _set_max_steps(self, n: int) -> None:
         self.max_steps = n
         for hook in self.hooks:  # e.g. AdaLoRA's rank schedule follows the run's length
-            if hasattr(hook, "on_plan"):
-                hook.on_plan(n)
+            hook.on_plan(n)
 
     def _lap(self) -> float:
         """Seconds since the last timed segment ended (one clock reading per segment, so an
@@ -470,8 +465,7 @@ class Engine:
                 sharded_optimizer=shards,
             )
             for hook in self.hooks:
-                if hasattr(hook, "on_save"):
-                    hook.on_save(path)
+                hook.on_save(path)
             for old in list_checkpoints(self.out_dir)[: -self.cfg.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
         if self.dist.enabled:
@@ -574,7 +568,7 @@ class Engine:
                 with nullcontext() if sync or self.sharded else self.forward_model.no_sync():
                     with self.autocast():
                         loss, metrics = self.objective.loss(self.forward_model, batch)
-                        extra = [t for h in self.hooks if (t := getattr(h, "extra_loss", lambda: None)()) is not None]
+                        extra = [t for h in self.hooks if (t := h.extra_loss()) is not None]
                     if extra:
                         loss = loss + sum(extra)
                     scaled = loss * (weights[m] / total_w * dist.world_size)
@@ -595,8 +589,7 @@ class Engine:
             else:
                 self.optimizer.step()
             for hook in self.hooks:
-                if hasattr(hook, "after_step"):
-                    hook.after_step(self.step + 1)
+                hook.after_step(self.step + 1)
             self.optimizer.zero_grad()
             self.step += 1
             step_tokens *= dist.world_size
@@ -632,7 +625,7 @@ class Engine:
                 if grad_norm is not None:  # under FSDP a replicated DTensor
                     row["grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
                 for hook in self.hooks:
-                    row.update(getattr(hook, "metrics", dict)())
+                    row.update(hook.metrics())
                 if hasattr(net, "flops_per_token"):
                     row["tflops"] = tps * net.flops_per_token() / 1e12
                 logger.log(self.step, "train", row)

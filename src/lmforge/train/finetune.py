@@ -22,6 +22,7 @@ import torch
 from ..config import to_dict
 from ..errors import ConfigError
 from ..model.peft import PeftConfig, apply_peft, store_frozen_in, trainable_summary
+from ..runs.tracking import LogConfig
 from .checkpoint import (
     check_fresh_run,
     load_model,
@@ -30,10 +31,10 @@ from .checkpoint import (
 )
 from .continual import ContinualConfig, describe, make_penalties, replay_sft_objective
 from .engine import Engine, TrainConfig, autocast_dtype, resolve_train_precision
+from .hooks import peft_hooks
 from .objectives.classify import ClassifyConfig, ClassifyObjective
 from .objectives.dpo import DPOConfig, DPOObjective, reference_for
 from .objectives.sft import SFTConfig, SFTObjective
-from ..runs.tracking import LogConfig
 
 
 @dataclass
@@ -210,7 +211,7 @@ def run_finetune(cfg: FinetuneConfig, resume: bool = False) -> dict[str, Any]:
         log=cfg.log,
         tokenizer_file=base / "tokenizer.json",
         run_config=run_config,
-        hooks=[model.peft] if getattr(model, "peft", None) is not None else [],
+        hooks=peft_hooks(model),
         checkpoint_extra=extra,
         sidecars_from=base,
         base_checkpoint=base if peft.method != "none" else None,

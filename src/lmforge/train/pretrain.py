@@ -13,6 +13,7 @@ from ..config import to_dict
 from ..data.shards import load_meta
 from ..errors import ConfigError
 from ..model.gpt import GPT, GPTConfig
+from ..runs.tracking import LogConfig
 from .checkpoint import check_fresh_run, load_model, read_config
 from .continual import (
     ContinualConfig,
@@ -23,7 +24,6 @@ from .continual import (
 )
 from .engine import Engine, FitResult, TrainConfig
 from .objectives.lm import LMObjective
-from ..runs.tracking import LogConfig
 
 
 @dataclass
