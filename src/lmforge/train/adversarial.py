@@ -44,6 +44,7 @@ from .objectives.adversarial import (
     write_samples,
 )
 from .objectives.dpo import reference_for
+from .saving import SaveSpec
 
 
 @dataclass
@@ -199,9 +200,10 @@ def run_adversarial(cfg: AdversarialRunConfig, resume: bool = False) -> dict[str
     hooks: list[EngineHook] = [objective, disc, *peft_hooks(generator)]
     train_cfg = replace(cfg.train, eval_at_start=True)
     engine = Engine(
-        generator, objective, train_cfg, out, log=cfg.log, tokenizer_file=base / "tokenizer.json",
-        run_config=to_dict(replace(cfg, peft=peft)), hooks=hooks, checkpoint_extra=extra,
-        sidecars_from=base, base_checkpoint=base if peft.method != "none" else None,
+        generator, objective, train_cfg, out, log=cfg.log,
+        saving=SaveSpec(tokenizer_file=base / "tokenizer.json", extra=extra, sidecars_from=base,
+                        base_checkpoint=base if peft.method != "none" else None),
+        run_config=to_dict(replace(cfg, peft=peft)), hooks=hooks,
     )
     disc.attach(engine, objective)
     engine.start(resume, cfg.overwrite)

@@ -48,6 +48,7 @@ from .distributed import (
 from .hooks import EngineHook
 from .objectives.base import Objective, RunContext
 from .optim import build_optimizer
+from .saving import SaveSpec
 from .schedule import lr_multiplier
 
 
@@ -168,29 +169,23 @@ class Engine:
         out_dir: str | Path,
         *,
         log: LogConfig | None = None,
-        tokenizer_file: str | Path | None = None,
+        saving: SaveSpec | None = None,
         run_config: dict[str, Any] | None = None,
         hooks: Sequence[EngineHook] = (),
-        checkpoint_extra: dict[str, Any] | None = None,
-        sidecars_from: str | Path | None = None,
-        base_checkpoint: str | Path | None = None,
         clock: Callable[[], float] | None = None,
     ):
-        """``hooks``: :class:`~lmforge.train.hooks.EngineHook` objects (extra loss terms, calls after
-        each optimizer step, metrics, and checkpoint save/resume of the state they own). ``checkpoint_extra`` goes into every
-        checkpoint's config.json; ``sidecars_from`` and ``base_checkpoint`` as in
-        :func:`~lmforge.train.checkpoint.save_checkpoint`. ``clock`` (seconds, monotonic; default
+        """``saving``: what every checkpoint carries besides the weights and training state
+        (:class:`~lmforge.train.saving.SaveSpec`). ``hooks``: :class:`~lmforge.train.hooks.EngineHook`
+        objects (extra loss terms, calls after each optimizer step, metrics, and checkpoint
+        save/resume of the state they own). ``clock`` (seconds, monotonic; default
         ``time.perf_counter``) times the run for ``train.max_minutes`` (tests inject their own)."""
         self.clock = clock or time.perf_counter
         self._now = self.clock()  # the clock at the end of the last timed segment (step, evaluation, checkpoint)
         self.cfg = cfg
         self.hooks: list[EngineHook] = list(hooks)
-        self.checkpoint_extra = dict(checkpoint_extra or {})
-        self.sidecars_from = sidecars_from
-        self.base_checkpoint = base_checkpoint
+        self.saving = saving or SaveSpec()
         self.out_dir = Path(out_dir)
         self.log_cfg = log or LogConfig()
-        self.tokenizer_file = tokenizer_file
         self.run_config = run_config or {}
         self.objective = objective
 
@@ -455,12 +450,12 @@ class Engine:
             save_checkpoint(
                 path,
                 self.model,
-                self.tokenizer_file,
+                self.saving.tokenizer_file,
                 optimizer=self.optimizer,
                 trainer_state=state,
-                extra={**self.checkpoint_extra, "step": self.step, "run": self.run_config},
-                sidecars_from=self.sidecars_from,
-                base_checkpoint=self.base_checkpoint,
+                extra={**self.saving.extra, "step": self.step, "run": self.run_config},
+                sidecars_from=self.saving.sidecars_from,
+                base_checkpoint=self.saving.base_checkpoint,
                 weights=weights,
                 sharded_optimizer=shards,
             )

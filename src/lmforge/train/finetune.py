@@ -35,6 +35,7 @@ from .hooks import peft_hooks
 from .objectives.classify import ClassifyConfig, ClassifyObjective
 from .objectives.dpo import DPOConfig, DPOObjective, reference_for
 from .objectives.sft import SFTConfig, SFTObjective
+from .saving import SaveSpec
 
 
 @dataclass
@@ -209,12 +210,10 @@ def run_finetune(cfg: FinetuneConfig, resume: bool = False) -> dict[str, Any]:
         cfg.train,
         out,
         log=cfg.log,
-        tokenizer_file=base / "tokenizer.json",
+        saving=SaveSpec(tokenizer_file=base / "tokenizer.json", extra=extra, sidecars_from=base,
+                        base_checkpoint=base if peft.method != "none" else None),
         run_config=run_config,
         hooks=peft_hooks(model),
-        checkpoint_extra=extra,
-        sidecars_from=base,
-        base_checkpoint=base if peft.method != "none" else None,
     )
     if engine.sharded and (peft.method == "adalora" or cfg.continual.l2 > 0 or cfg.continual.ewc > 0):
         raise ConfigError("train.parallel=fsdp does not support peft.method=adalora or continual.l2/ewc: they read "

@@ -24,6 +24,7 @@ from .continual import (
 )
 from .engine import Engine, FitResult, TrainConfig
 from .objectives.lm import LMObjective
+from .saving import SaveSpec
 
 
 @dataclass
@@ -67,7 +68,7 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> FitResult:
         cfg.train,
         out,
         log=cfg.log,
-        tokenizer_file=lm.tokenizer_file,
+        saving=SaveSpec(tokenizer_file=lm.tokenizer_file),
         run_config=run_config,
     )
     if engine.sharded and (cfg.continual.l2 > 0 or cfg.continual.ewc > 0):
