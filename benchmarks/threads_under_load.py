@@ -31,10 +31,10 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKER = r"""
 import json, sys, time, torch
 from lmforge.model.gpt import GPT, GPTConfig
+from lmforge.runs.tracking import LogConfig
 from lmforge.train.engine import Engine, TrainConfig
 from lmforge.train.hooks import EngineHook
 from lmforge.train.objectives.base import Objective
-from lmforge.runs.tracking import LogConfig
 
 steps, threads = int(sys.argv[1]), int(sys.argv[2])
 

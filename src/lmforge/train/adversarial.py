@@ -34,7 +34,7 @@ from .checkpoint import (
     read_config,
     resolve_checkpoint,
 )
-from .engine import Engine, TrainConfig, autocast_dtype, resolve_train_precision
+from .engine import Engine, TrainConfig, autocast_dtype, check_parallel, resolve_train_precision
 from .hooks import EngineHook, peft_hooks
 from .objectives.adversarial import (
     AdversarialConfig,
@@ -159,6 +159,7 @@ def run_adversarial(cfg: AdversarialRunConfig, resume: bool = False) -> dict[str
     if not cfg.base:
         raise ConfigError("no generator: set base=CHECKPOINT (a chat checkpoint or run directory)")
     out = Path(cfg.out_dir)
+    check_parallel(cfg.train)
     check_fresh_run(out, resume, cfg.overwrite)
     base = resolve_checkpoint(cfg.base)
     disc_path = resolve_checkpoint(cfg.discriminator or cfg.base)

@@ -70,6 +70,12 @@ class ContinualConfig:
         return bool(self.replay_data) or self.l2 > 0 or self.ewc > 0
 
 
+def whole_parameter_readers(cfg: ContinualConfig) -> list[str]:
+    """The penalties ``cfg`` turns on, which read whole parameters outside the forward (FSDP
+    cannot run them: :func:`lmforge.train.engine.check_parallel`)."""
+    return [f"continual.{name}" for name in ("l2", "ewc") if getattr(cfg, name) > 0]
+
+
 # ------------------------------------------------------------------------------------ replay
 @contextmanager
 def _context(objective: Objective, ctx: RunContext):

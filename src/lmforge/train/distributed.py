@@ -34,9 +34,15 @@ class DistInfo:
         return self.rank == 0
 
 
+def launched_world_size() -> int:
+    """How many processes torchrun launched (WORLD_SIZE; 1 without torchrun), known before the
+    process group starts, so settings can be checked before any side effect."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def init_distributed(device_type: str) -> DistInfo:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = launched_world_size()
     if world <= 1:
         return DistInfo()
     info = DistInfo(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")), world)

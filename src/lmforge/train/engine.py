@@ -43,6 +43,7 @@ from .distributed import (
     all_reduce_sum,
     gathered,
     init_distributed,
+    launched_world_size,
     shard_model,
 )
 from .hooks import EngineHook
@@ -117,6 +118,23 @@ class TrainConfig:
             raise ValueError(f"train.max_minutes must be a number of minutes >= 0 (0: no budget), got {self.max_minutes}")
 
 
+def check_parallel(cfg: TrainConfig, whole_parameter_readers: Sequence[str] = ()) -> None:
+    """Refuse what train.parallel=fsdp cannot run, before the process group starts or anything is
+    written (the engine calls it first; the stages call it before they touch out_dir).
+    ``whole_parameter_readers``: the run's features that read whole parameters outside the
+    forward (AdaLoRA's allocator, the continual penalties), where FSDP holds shards."""
+    if cfg.parallel != "fsdp" or launched_world_size() <= 1:
+        return
+    if cfg.precision == "fp16":
+        raise ConfigError("train.parallel=fsdp does not support train.precision=fp16 (the loss scaler's "
+                          "overflow check would see one shard per process); use bf16")
+    if cfg.compile:
+        raise ConfigError("train.compile=true is not supported with train.parallel=fsdp; use ddp to compile")
+    if whole_parameter_readers:
+        raise ConfigError(f"train.parallel=fsdp does not support {' or '.join(whole_parameter_readers)}: they read "
+                          "whole parameters outside the forward, where FSDP holds shards; use train.parallel=ddp")
+
+
 def resolve_train_precision(cfg: TrainConfig) -> str:
     """``cfg.precision`` resolved for the device the run will use (``auto`` -> fp32|bf16|fp16)."""
     return hardware.resolve_precision(cfg.precision, cfg.device)
@@ -179,6 +197,7 @@ class Engine:
         objects (extra loss terms, calls after each optimizer step, metrics, and checkpoint
         save/resume of the state they own). ``clock`` (seconds, monotonic; default
         ``time.perf_counter``) times the run for ``train.max_minutes`` (tests inject their own)."""
+        check_parallel(cfg)
         self.clock = clock or time.perf_counter
         self._now = self.clock()  # the clock at the end of the last timed segment (step, evaluation, checkpoint)
         self.cfg = cfg
@@ -207,13 +226,8 @@ class Engine:
         self.model = model.to(self.device)
         self.sharded = self.dist.enabled and cfg.parallel == "fsdp"
         if self.sharded:
-            if self.precision == "fp16" and cfg.precision == "auto":  # a GPU without bf16: FSDP runs fp32
+            if self.precision == "fp16":  # auto on a GPU without bf16 (check_parallel refused an explicit fp16): fp32
                 self.precision, self.amp_dtype = "fp32", None
-            if self.precision == "fp16":
-                raise ConfigError("train.parallel=fsdp does not support train.precision=fp16 (the loss scaler's "
-                                  "overflow check would see one shard per process); use bf16")
-            if cfg.compile:
-                raise ConfigError("train.compile=true is not supported with train.parallel=fsdp; use ddp to compile")
             shard_model(self.model, self.amp_dtype)  # in place; the optimizer then holds the shards
         self.optimizer = build_optimizer(self.model, cfg, self.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
