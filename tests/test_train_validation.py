@@ -87,3 +87,15 @@ def test_adversarial_refuses_fsdp_settings_before_any_side_effect(base, chats, t
             "adversarial.max_context_tokens=64", "adversarial.max_reply_tokens=24", *QUIET,
             "train.parallel=fsdp", "train.compile=true"]
     _refused(argv, out, two_processes, capsys, "train.compile=true is not supported with train.parallel=fsdp")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+@pytest.mark.parametrize(
+    "setting, message",
+    [("train.device=cuda", "asks for CUDA but no GPU"), ("train.precision=fp16", "fp16 needs a CUDA GPU")],
+)
+def test_an_unusable_device_or_precision_is_refused_before_the_process_group(setting, message, tiny_data, tmp_path,
+                                                                           two_processes, capsys):
+    out = tmp_path / "run"
+    argv = ["pretrain", f"data={tiny_data}", f"out_dir={out}", *TINY_PRETRAIN, *QUIET, "train.parallel=ddp", setting]
+    _refused(argv, out, two_processes, capsys, message)

@@ -43,7 +43,7 @@ from .distributed import (
     all_reduce_sum,
     gathered,
     init_distributed,
-    launched_world_size,
+    launched,
     shard_model,
 )
 from .hooks import EngineHook
@@ -123,7 +123,7 @@ def check_parallel(cfg: TrainConfig, whole_parameter_readers: Sequence[str] = ()
     written (the engine calls it first; the stages call it before they touch out_dir).
     ``whole_parameter_readers``: the run's features that read whole parameters outside the
     forward (AdaLoRA's allocator, the continual penalties), where FSDP holds shards."""
-    if cfg.parallel != "fsdp" or launched_world_size() <= 1:
+    if cfg.parallel != "fsdp" or not launched().enabled:
         return
     if cfg.precision == "fp16":
         raise ConfigError("train.parallel=fsdp does not support train.precision=fp16 (the loss scaler's "
@@ -208,9 +208,11 @@ class Engine:
         self.run_config = run_config or {}
         self.objective = objective
 
-        probe = "cuda" if cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
-        self.dist = init_distributed(probe)
-        self.device = resolve_device(cfg.device, self.dist)
+        # the device and precision are resolved (and an unusable one refused) before the process group starts
+        self.device = resolve_device(cfg.device, launched())
+        self.precision = hardware.resolve_precision(cfg.precision, self.device)
+        self.amp_dtype = autocast_dtype(self.precision)
+        self.dist = init_distributed(self.device.type)
         self.threads: hardware.LoadWatcher | None = None
         if self.device.type == "cpu":  # usable cores (affinity, cgroup quota) split over torchrun's processes,
             # fewer while other processes keep cores busy (hardware.LoadWatcher)
@@ -220,8 +222,6 @@ class Engine:
             torch.set_num_threads(self.threads.threads())
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True)
-        self.precision = hardware.resolve_precision(cfg.precision, self.device)
-        self.amp_dtype = autocast_dtype(self.precision)
 
         self.model = model.to(self.device)
         self.sharded = self.dist.enabled and cfg.parallel == "fsdp"
