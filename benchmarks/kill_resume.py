@@ -58,7 +58,8 @@ def _die() -> None:
 def install_kill(point: str, at: int) -> None:
     import shutil
 
-    from lmforge.train import checkpoint, engine, tracking
+    from lmforge.runs import tracking
+    from lmforge.train import checkpoint, engine
 
     saves = {"n": 0}
     real_save = engine.Engine.save

@@ -29,10 +29,10 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 def batches(base: str, n: int, batch: int, max_length: int):
     """The same token batches for both sides: (ids rows, label rows), unshifted."""
+    from lmforge.data.encoding import tokenize_example
     from lmforge.data.examples import load_examples
     from lmforge.tokenizer import Tokenizer
     from lmforge.tokenizer.chat import ChatTemplate
-    from lmforge.train.objectives.sft import tokenize_example
 
     tok = Tokenizer.from_file(Path(base) / "tokenizer.json")
     template = ChatTemplate.from_checkpoint(base)

@@ -415,7 +415,7 @@ def test_wandb_requested_but_not_installed(tiny_data: Path, tmp_path: Path, monk
 
 def test_progress_bar_moves_every_step_not_only_at_log_interval(tiny_data: Path, tmp_path: Path, monkeypatch) -> None:
     """A 135M-parameter fine-tuning showed 0/600 for 6.5 minutes: the bar moved only at log_interval."""
-    from lmforge.train import tracking
+    from lmforge.runs import tracking
 
     bars: list = []
 

@@ -24,9 +24,9 @@ from lmforge.eval.choice import (
 from lmforge.eval.perplexity import (
     sliding_window_nll,
     text_perplexity,
-    token_byte_lengths,
     window_plan,
 )
+from lmforge.runs.metrics import token_byte_lengths
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.checkpoint import load_model
 
@@ -316,9 +316,9 @@ def test_multiple_choice_options_of_very_different_lengths(llama) -> None:
 
 def test_assistant_loss_equals_a_hand_computation(llama) -> None:
     """Chat eval's loss: the mean next-token loss over assistant tokens only (the SFT tokenization)."""
+    from lmforge.data.encoding import tokenize_example
     from lmforge.eval.chat import assistant_loss
     from lmforge.tokenizer.chat import CHATML, ChatTemplate
-    from lmforge.train.objectives.sft import tokenize_example
 
     model, tok, _ = llama
     template = ChatTemplate(CHATML, {})

@@ -11,11 +11,11 @@ from conftest import read_metrics, save_tiny_llama
 
 from lmforge.cli import main
 from lmforge.config import load_config
+from lmforge.data.encoding import tokenize_example
 from lmforge.tokenizer import Tokenizer
 from lmforge.tokenizer.chat import ChatTemplate
 from lmforge.train.checkpoint import load_model
 from lmforge.train.finetune import FinetuneConfig, run_finetune
-from lmforge.train.objectives.sft import tokenize_example
 
 QUIET = ["log.console=false", "log.tensorboard=false", "train.threads=1", "train.device=cpu", "train.precision=fp32"]
 

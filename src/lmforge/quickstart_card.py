@@ -107,7 +107,7 @@ def write_card(out: Path, *, args: argparse.Namespace, clock: Any, plan: Any, du
                before: dict[str, Any], after: dict[str, Any], precision: str) -> dict[str, Any]:
     from . import hardware
     from .data.chat_pipeline import accounting, accounting_markdown, masked_pii
-    from .eval.report import write_report
+    from .runs.report import write_report
     from .eval.run import plot_comparison
 
     scratch = pretrain is not None

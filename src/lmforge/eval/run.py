@@ -10,7 +10,7 @@ tasks run once. The run directory gets:
 - ``<task>/<row>.predictions.jsonl``: what the model predicted for each example;
 - ``<task>/<row>.confusion.png`` (classification) and ``<task>/compare.png`` (rows side by side);
 - ``metrics.jsonl`` and TensorBoard scalars (``eval/<task>/<metric>``; W&B with ``--wandb``);
-- ``report.md``: the report card (:func:`lmforge.eval.report.write_report`).
+- ``report.md``: the report card (:func:`lmforge.runs.report.write_report`).
 """
 
 from __future__ import annotations
@@ -169,8 +169,7 @@ def _head_labels(lm: LoadedModel, task: Any) -> bool:
 def classify_with_head(model: torch.nn.Module, tokenizer: Any, texts: list[str], template: str, batch_size: int) -> list[int]:
     """The head's predicted label index for every text (the text in the training template,
     cut to the model's context from the left, as the classification objective does)."""
-    from ..train.objectives.batching import pad_batch
-    from ..train.objectives.classify import encode_texts
+    from ..data.encoding import encode_texts, pad_batch
 
     encoded, _ = encode_texts(tokenizer, texts, template, int(model.config.context_length))
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eot_id
@@ -186,7 +185,7 @@ def classify_with_head(model: torch.nn.Module, tokenizer: Any, texts: list[str],
 
 
 def eval_classify(lm: LoadedModel, task: Any, opts: EvalOptions, out: Path) -> list[dict[str, Any]]:
-    from .metrics import classification_report, plot_confusion_matrix
+    from ..runs.metrics import classification_report, plot_confusion_matrix
     from .prompting import classify_scores
 
     examples = _examples(task, opts)
@@ -398,8 +397,8 @@ def run_eval(checkpoints: list[str], task_names: list[str], opts: EvalOptions, o
              text_files: list[str] = ()) -> dict[str, Any]:
     """Evaluate every checkpoint on every task; write the run directory; return the results."""
     from ..data.tasks import TaskSpec, load_task
-    from ..train.tracking import LogConfig, RunLogger
-    from .report import write_report
+    from ..runs.tracking import LogConfig, RunLogger
+    from ..runs.report import write_report
 
     opts.validate()
     if not checkpoints:
