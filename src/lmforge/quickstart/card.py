@@ -175,7 +175,7 @@ def write_card(out: Path, *, cfg: QuickstartConfig, clock: Any, plan: Any, dump:
     links += [f"[eval {w}](eval/{w}/report.md)" for w in ("before", "after")]
     notes = (f"Base: `{cfg.base}`. Stage reports: {', '.join(links)}. Talk to it: `lmforge chat {out / 'chat'}`; "
              f"serve it: `lmforge serve {out / 'chat'}`. Figures in `summary.json`.")
-    config = {name: cfg for name in ("pretrain", "cpt", "chat") if (cfg := _stage_config(out / name)) is not None}
+    config = {name: c for name in ("pretrain", "cpt", "chat") if (c := _stage_config(out / name)) is not None}
     title = ("lmforge quickstart: a chatbot from scratch" if scratch
              else f"lmforge quickstart: {cfg.base} adapted to human conversations")
     report = write_report(out, title=title, summary={"before": summary["before"], "after": summary["after"],
