@@ -407,7 +407,7 @@ def test_chat_template_is_sandboxed(chat_ckpt):
 def test_adapter_is_served_as_its_own_model(chat_ckpt, tmp_path):
     peft = pytest.importorskip("lmforge.model.peft")
     io = pytest.importorskip("lmforge.model.peft.io")
-    from lmforge.serve.commands import add_parser, build_models
+    from lmforge.serve.commands import ServeCommandConfig, build_models
     from lmforge.train.checkpoint import load_model
 
     model, _ = load_model(chat_ckpt)
@@ -419,13 +419,9 @@ def test_adapter_is_served_as_its_own_model(chat_ckpt, tmp_path):
     out = tmp_path / "adapter"
     out.mkdir()
     io.save_adapter(out, model, base_checkpoint=str(chat_ckpt))
-    import argparse
-
-    parser = argparse.ArgumentParser()
-    args = add_parser(parser.add_subparsers(dest="c")).parse_args(
-        [str(chat_ckpt), "--adapter", f"shakespeare={out}", "--model-name", "base", "--max-batch-size", "2"]
-    )
-    models = build_models(args)
+    cfg = ServeCommandConfig(checkpoint=str(chat_ckpt), adapter=[f"shakespeare={out}"], model_name="base",
+                             max_batch_size=2)
+    models = build_models(cfg)
     assert [m.name for m in models] == ["base", "shakespeare"] and models[1].parent == "base"
     srv = BackgroundServer(create_app(models, ServeConfig())).start()
     try:

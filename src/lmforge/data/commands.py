@@ -1,56 +1,53 @@
-"""The ``lmforge data`` actions of the data pipeline: parsers and handlers, kept out of cli.py.
+"""What the ``lmforge data`` actions need beyond their library's ``run_*(cfg)``.
 
-Each action is a config dataclass, a ``run_*`` function and a recipe folder
-``recipes/data-<action>/``; ``lmforge data ACTION --help`` lists every setting.
+Every data action is a typed config (``RedditConfig``, ``CleanConfig``, ...) filled from a recipe
+under ``recipes/data-<action>/`` and ``key=value`` overrides, and the library function that runs it
+(``run_reddit``, ``run_clean``, ...); :mod:`lmforge.cli` registers them in its command table.
+``augment`` alone has a flag beside the overrides (``--paraphrase-model``), declared here, and
+paraphrases through a model: the engine is wired to the library's ``complete`` callable here, so that
+the data layer does not import the inference engine.
 """
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable
-from typing import Any
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-#: action -> (module, config class, run function, help)
-ACTIONS: dict[str, tuple[str, str, str, str]] = {
-    "reddit": ("reddit", "RedditConfig", "run_reddit",
-               "Pushshift Reddit dumps (RC_/RS_ .zst, NDJSON) -> train/val chat conversations"),
-    "clean": ("clean", "CleanConfig", "run_clean",
-              "normalize and filter a corpus or conversations (unicode, controls, length, quality, language)"),
-    "dedup": ("dedup", "DedupConfig", "run_dedup", "drop exact (hash) and near (MinHash LSH) duplicates"),
-    "pii": ("pii", "PiiConfig", "run_pii", "mask emails, phones, URLs, IPs, cards, /u/ names with typed placeholders"),
-    "augment": ("augment", "AugmentConfig", "run_augment",
-                "token noise, paraphrases by a model, context truncation, system prompts (seeded)"),
-    "reddit-dump": ("reddit_dump", "RedditDumpConfig", "build_reddit_dump",
-                    "human conversations (default: the embedded ones) -> a Pushshift-format month with deleted, "
-                    "bot, spam, duplicate and PII records planted"),
-    "synth-reddit": ("reddit_synth", "SynthRedditConfig", "synth_reddit",
-                     "write a synthetic Pushshift-format dump (RC_/RS_ .zst) for tests and trials"),
-}
+from ..config import option
+
+if TYPE_CHECKING:
+    from .augment import AugmentConfig, Complete
 
 
-def _load(action: str) -> tuple[type, Callable[..., Any]]:
-    module, cls, fn, _ = ACTIONS[action]
-    mod = importlib.import_module(f"lmforge.data.{module}")
-    return getattr(mod, cls), getattr(mod, fn)
+@dataclass(kw_only=True)
+class AugmentFlags:
+    paraphrase_model: str | None = option(None, "lmforge checkpoint that paraphrases", metavar="CKPT")
 
 
-def add_parsers(data_sub: Any, stage_parser: Callable[..., Any]) -> None:
-    """Add the pipeline actions to the ``lmforge data`` subparsers (``stage_parser`` is cli's)."""
-    for action, (_, _, _, help_) in ACTIONS.items():
-        cls, _ = _load(action)
-        extra = None
-        if action == "augment":
-            def extra(p: Any) -> None:
-                p.add_argument("--paraphrase-model", metavar="CKPT", help="lmforge checkpoint that paraphrases")
-        stage_parser(data_sub, action, f"data-{action}", cls, help_, extra)
+def engine_paraphraser(checkpoint: str, max_new_tokens: int = 128, temperature: float = 0.7, seed: int = 0) -> Complete:
+    """A ``complete(prompts) -> completions`` callable over the lmforge model at
+    ``checkpoint``, through the inference engine (batched, seeded)."""
+    from ..infer.engine import load_engine
+    from ..infer.sampling import SamplingParams
+
+    engine = load_engine(checkpoint, overflow="truncate")
+    params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=0.95, seed=seed,
+                            stop=["\n\n"])
+
+    def complete(prompts: list[str]) -> list[str]:
+        return [c.text for c in engine.generate(prompts, params)]
+
+    return complete
 
 
-def run_action(action: str, args: Any) -> Any:
-    """Handler of ``lmforge data ACTION``: recipe <- overrides -> config -> run."""
-    from ..config import load_config
+def run_augment_command(cfg: AugmentConfig, flags: AugmentFlags) -> Any:
+    """``--paraphrase-model CKPT`` is the ``paraphrase_model=CKPT`` setting (and wins over it); the
+    paraphrases come from that checkpoint through the inference engine."""
+    from .augment import run_augment
 
-    cls, run = _load(action)
-    overrides = list(args.overrides)
-    if getattr(args, "paraphrase_model", None):
-        overrides.append(f"paraphrase_model={args.paraphrase_model}")
-    return run(load_config(cls, f"data-{action}", args.recipe, overrides))
+    if flags.paraphrase_model:
+        cfg = dataclasses.replace(cfg, paraphrase_model=flags.paraphrase_model)
+    cfg.validate()  # before the model is loaded
+    complete = engine_paraphraser(cfg.paraphrase_model) if cfg.paraphrase_model else None
+    return run_augment(cfg, complete=complete)

@@ -1,75 +1,94 @@
-"""Command-line front ends of the inference engine: `lmforge generate`, `chat` and `sample`."""
+"""`lmforge generate`, `chat` and `sample`: each a config dataclass (the command's flags,
+validated in ``__post_init__``) and a ``run_*(cfg)`` function over the inference engine.
+
+Torch-free at module level: the command line builds its parsers from these dataclasses.
+"""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
+from ..config import option
 from ..errors import ConfigError, DataError, LmforgeError
+from .options import EngineOptions, SamplingOptions
 
 if TYPE_CHECKING:
     from .sampling import SamplingParams
 
 
-def add_engine_args(p: argparse.ArgumentParser, batch: bool = True) -> None:
-    p.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its newest checkpoint)")
-    g = p.add_argument_group("engine")
-    g.add_argument("--device", default="cpu")
-    g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-                   help="compute dtype (auto: float32 on a CPU, bfloat16 for int8/int4 models where bf16 is fast; "
-                   "bfloat16 on GPUs with it, else float16; `lmforge env` shows the choice)")
-    g.add_argument("--threads", type=int, default=0, help="CPU threads (default 0: the usable cores, cgroup quota included)")
-    g.add_argument("--quantize", choices=["none", "bf16", "int8", "int4"], default="none",
-                   help="quantize the weights at load (a quantized checkpoint loads as saved)")
-    if batch:
-        g.add_argument("--batch-size", type=int, default=8, help="sequences decoded together (default 8)")
+@dataclass(kw_only=True)
+class SampleConfig(SamplingOptions, EngineOptions):
+    """``lmforge sample CKPT``: print continuations of a prompt."""
+
+    prompt: str = option("\n", "text to continue (default: a newline)")
+    num_samples: int = option(1, "continuations, decoded as one batch")
+    max_tokens: int = option(200, "new tokens at most (default %(default)s)", aliases=("--max-new-tokens",),
+                             group="sampling")
+    temperature: float = option(0.8, "0 is greedy", group="sampling")
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 1:
+            raise ConfigError(f"--num-samples must be at least 1, got {self.num_samples}")
 
 
-def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 256, temperature: float = 1.0) -> None:
-    g = p.add_argument_group("sampling")
-    g.add_argument("--max-tokens", "--max-new-tokens", dest="max_tokens", type=int, default=max_tokens, help=f"new tokens at most (default {max_tokens})")
-    g.add_argument("--temperature", type=float, default=temperature, help="0 is greedy")
-    g.add_argument("--greedy", action="store_true", help="same as --temperature 0")
-    g.add_argument("--top-k", type=int, default=0, help="0 is off")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--min-p", type=float, default=0.0)
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
-    g.add_argument("--presence-penalty", type=float, default=0.0)
-    g.add_argument("--frequency-penalty", type=float, default=0.0)
-    g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
-    g.add_argument("--stop-token", action="append", default=[], metavar="TOKEN",
-                   help="stop at this token, given by its text (e.g. '<|im_end|>') or id (repeatable)")
-    g.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-text token")
-    g.add_argument("--seed", type=int, default=None)
+@dataclass(kw_only=True)
+class GenerateConfig(SamplingOptions, EngineOptions):
+    """``lmforge generate CKPT [PROMPT ...]``: complete prompts -> JSONL, batched."""
+
+    batch_size: int = option(8, "sequences decoded together (default 8)", group="engine")
+    prompts: list[str] = option([], "prompts (else --file, else one per line on stdin)", positional=True, nargs="*")
+    file: str | None = option(None, 'prompts: text (one per line) or .jsonl ({"prompt": ...} or {"messages": [...]})')
+    out: str | None = option(None, "write JSONL here instead of stdout")
+    chat: bool = option(False, "wrap each prompt as a user message in the chat template")
+    logprobs: int | None = option(None, "chosen and top-K logprobs per token", metavar="K")
+    overflow: Literal["error", "truncate"] = option(
+        "error", "a prompt longer than the context: error, or keep its end (default error)")
+
+    def __post_init__(self) -> None:
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise ConfigError(f"--logprobs must be in [0, 20], got {self.logprobs}")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
 
 
-def sampling_from_args(args: argparse.Namespace, tokenizer) -> SamplingParams:
+@dataclass(kw_only=True)
+class ChatConfig(SamplingOptions, EngineOptions):
+    """``lmforge chat CKPT``: a multi-turn REPL with streaming."""
+
+    system: str | None = option(None, "system prompt")
+    max_tokens: int = option(512, "new tokens at most (default %(default)s)", aliases=("--max-new-tokens",),
+                             group="sampling")
+    temperature: float = option(0.7, "0 is greedy", group="sampling")
+
+
+def sampling_from(cfg: SamplingOptions, tokenizer, logprobs: int | None = None) -> SamplingParams:
     from .sampling import SamplingParams
 
     stop_ids = []
-    for t in args.stop_token:
+    for t in cfg.stop_token:
         tid = int(t) if t.isdigit() else tokenizer.token_to_id(t)
         if tid is None or not 0 <= tid < tokenizer.vocab_size:
             raise ConfigError(f"unknown stop token {t!r}: it is not a token of this model's vocabulary")
         stop_ids.append(tid)
     return SamplingParams(
-        max_tokens=args.max_tokens,
-        temperature=0.0 if args.greedy else args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        min_p=args.min_p,
-        repetition_penalty=args.repetition_penalty,
-        presence_penalty=args.presence_penalty,
-        frequency_penalty=args.frequency_penalty,
-        stop=list(args.stop),
+        max_tokens=cfg.max_tokens,
+        temperature=0.0 if cfg.greedy else cfg.temperature,
+        top_k=cfg.top_k,
+        top_p=cfg.top_p,
+        min_p=cfg.min_p,
+        repetition_penalty=cfg.repetition_penalty,
+        presence_penalty=cfg.presence_penalty,
+        frequency_penalty=cfg.frequency_penalty,
+        stop=list(cfg.stop),
         stop_token_ids=stop_ids,
-        ignore_eos=args.ignore_eos,
-        seed=args.seed,
-        logprobs=getattr(args, "logprobs", None),
+        ignore_eos=cfg.ignore_eos,
+        seed=cfg.seed,
+        logprobs=logprobs,
     ).validate(tokenizer.vocab_size)
 
 
@@ -81,30 +100,25 @@ def seeded(params: SamplingParams, n: int) -> list[SamplingParams]:
     return [dataclasses.replace(params, seed=params.seed + i) for i in range(n)]
 
 
-def engine_from_args(args: argparse.Namespace, overflow: str = "error"):
+def engine_from(cfg: EngineOptions, batch: int = 1, overflow: str = "error"):
+    from ..hardware import use_threads
     from .engine import load_engine
 
-    batch = getattr(args, "batch_size", 1)
-    if batch < 1:
-        raise ConfigError(f"--batch-size must be at least 1, got {batch}")
-    quantize = None if args.quantize == "none" else args.quantize
-    from ..hardware import use_threads
-
-    use_threads(getattr(args, "threads", 0))
+    use_threads(cfg.threads)
     return load_engine(
-        args.checkpoint, device=args.device, dtype=args.dtype, quantize=quantize, max_batch_size=batch,
-        overflow=overflow,
+        cfg.checkpoint, device=cfg.device, dtype=cfg.dtype, quantize=None if cfg.quantize == "none" else cfg.quantize,
+        max_batch_size=batch, overflow=overflow,
     )
 
 
 # ---- lmforge generate ----------------------------------------------------------------
-def read_prompts(args: argparse.Namespace) -> list[Any]:
+def read_prompts(cfg: GenerateConfig) -> list[Any]:
     """Prompts from arguments, else ``--file`` (text: one per line; .jsonl: objects with
     "prompt" or "messages"), else standard input (one per line)."""
-    if args.prompts:
-        return list(args.prompts)
-    if args.file:
-        path = Path(args.file)
+    if cfg.prompts:
+        return list(cfg.prompts)
+    if cfg.file:
+        path = Path(cfg.file)
         if not path.is_file():
             raise DataError(f"prompt file not found: {path}")
         try:
@@ -133,18 +147,16 @@ def read_prompts(args: argparse.Namespace) -> list[Any]:
     return [line.rstrip("\n") for line in sys.stdin if line.strip()]
 
 
-def run_generate(args: argparse.Namespace) -> None:
+def run_generate(cfg: GenerateConfig) -> None:
     from ..tokenizer.chat import ChatTemplate
 
-    prompts = read_prompts(args)
+    prompts = read_prompts(cfg)
     if not prompts:
         raise DataError("no prompts to complete (the input is empty)")
-    if args.logprobs is not None and not 0 <= args.logprobs <= 20:
-        raise ConfigError(f"--logprobs must be in [0, 20], got {args.logprobs}")
-    engine = engine_from_args(args, overflow=args.overflow)
-    params = sampling_from_args(args, engine.tokenizer)
+    engine = engine_from(cfg, batch=cfg.batch_size, overflow=cfg.overflow)
+    params = sampling_from(cfg, engine.tokenizer, logprobs=cfg.logprobs)
     template = None
-    if args.chat or any(isinstance(p, list) for p in prompts):
+    if cfg.chat or any(isinstance(p, list) for p in prompts):
         template = ChatTemplate.from_checkpoint(engine.checkpoint)
         from .chat import end_of_turn_ids
 
@@ -158,7 +170,7 @@ def run_generate(args: argparse.Namespace) -> None:
         else:
             texts.append(p)
     plist = seeded(params, len(texts))
-    out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
+    out = open(cfg.out, "w", encoding="utf-8") if cfg.out else sys.stdout
     try:
         results = engine.generate(texts, plist, progress=out is not sys.stdout)
         for i, (prompt, c) in enumerate(zip(prompts, results)):
@@ -183,14 +195,13 @@ def run_generate(args: argparse.Namespace) -> None:
 
 
 # ---- lmforge chat -------------------------------------------------------------------
-def run_chat(args: argparse.Namespace) -> None:
+def run_chat(cfg: ChatConfig) -> None:
     from ..tokenizer.chat import ChatTemplate
     from .chat import ChatSession, repl
 
-    args.batch_size = 1
-    engine = engine_from_args(args)
-    params = sampling_from_args(args, engine.tokenizer)
-    session = ChatSession(engine, ChatTemplate.from_checkpoint(engine.checkpoint), params, system=args.system)
+    engine = engine_from(cfg)
+    params = sampling_from(cfg, engine.tokenizer)
+    session = ChatSession(engine, ChatTemplate.from_checkpoint(engine.checkpoint), params, system=cfg.system)
     repl(session)
 
 
@@ -209,9 +220,6 @@ def print_samples(engine, prompt: str, n: int, params: SamplingParams) -> list[s
     return texts
 
 
-def run_sample(args: argparse.Namespace) -> None:
-    if args.num_samples < 1:
-        raise ConfigError(f"--num-samples must be at least 1, got {args.num_samples}")
-    args.batch_size = args.num_samples
-    engine = engine_from_args(args, overflow="slide")
-    print_samples(engine, args.prompt, args.num_samples, sampling_from_args(args, engine.tokenizer))
+def run_sample(cfg: SampleConfig) -> None:
+    engine = engine_from(cfg, batch=cfg.num_samples, overflow="slide")
+    print_samples(engine, cfg.prompt, cfg.num_samples, sampling_from(cfg, engine.tokenizer))

@@ -1,87 +1,105 @@
-"""`lmforge serve CKPT [--adapter name=path ...]`: the parser and the handler.
+"""`lmforge serve CKPT [--adapter name=path ...]`: the command's config dataclass (its flags,
+validated in ``__post_init__``) and ``run_serve(cfg)``.
 
-Kept free of heavy imports at module level: the CLI's parser imports this module.
+Kept free of heavy imports at module level: the command line builds its parser from the dataclass.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
-from ..errors import ConfigError
+from ..config import option
+from ..errors import ConfigError, LmforgeError
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+_SECURITY = "security and limits"
 
 
-def add_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser(
-        "serve",
-        help="OpenAI-compatible HTTP server with a web chat page",
-        description="Serve a checkpoint (and LoRA adapters) over an OpenAI-compatible API: "
-        "/v1/chat/completions, /v1/completions, /v1/models, /tokenize, /health, /metrics, and a chat page at /. "
-        "API keys come from --api-key, --api-key-file and/or the LMFORGE_API_KEYS environment variable (comma-separated); "
-        "with none, the API is open.",
-    )
-    p.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its newest checkpoint)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--model-name", default=None, help="the base model's name in the API (default: the checkpoint folder's name)")
-    p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
-                   help="serve a LoRA adapter on the base as model NAME (repeatable)")
-    g = p.add_argument_group("engine")
-    g.add_argument("--device", default="cpu")
-    g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-                   help="compute dtype (auto: see `lmforge env`)")
-    g.add_argument("--quantize", choices=["none", "bf16", "int8", "int4"], default="none",
-                   help="quantize the weights at load")
-    g.add_argument("--max-batch-size", type=int, default=16, help="sequences decoded together per model (default 16)")
-    g.add_argument("--max-seq-len", type=int, default=None, help="cap on prompt + completion tokens (default: the model's context)")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the usable cores, cgroup quota included)")
-    g.add_argument("--max-step-tokens", type=int, default=256,
-                   help="prompt tokens prefilled per engine step, between the running decodes (default 256)")
-    g.add_argument("--kv-cache-gb", type=float, default=None,
-                   help="KV-cache memory budget (default: what the batch could use, at most half the free memory)")
-    g.add_argument("--stall-timeout", type=float, default=30.0,
-                   help="seconds the engine loop may take to come round before /ready fails (default 30)")
-    s = p.add_argument_group("security and limits")
-    s.add_argument("--api-key", action="append", default=[], metavar="KEY",
-                   help="an API key clients must present (repeatable; vLLM's flag). A key on the command line is "
-                   "visible to other users of the machine (ps): prefer --api-key-file or LMFORGE_API_KEYS there")
-    s.add_argument("--api-key-file", default=None, help="file of API keys, one a line ('#' comments)")
-    s.add_argument("--rate-limit", type=float, default=0.0, metavar="RPM", help="requests a minute per key (0: off)")
-    s.add_argument("--rate-burst", type=int, default=None, help="requests at once per key (default: RPM/6)")
-    s.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body limit (default 1 MiB) -> 413")
-    s.add_argument("--max-header-bytes", type=int, default=16 << 10, help="request header limit (default 16 KiB) -> 431")
-    s.add_argument("--max-n", type=int, default=8, help="choices a request (default 8)")
-    s.add_argument("--max-tokens", type=int, default=4096, help="cap on max_tokens (default 4096)")
-    s.add_argument("--max-messages", type=int, default=512, help="messages in a chat request (default 512)")
-    s.add_argument("--max-prompts", type=int, default=32, help="prompts in a /v1/completions request (default 32)")
-    s.add_argument("--max-waiting", type=int, default=256, help="queued sequences before 503 (default 256)")
-    s.add_argument("--request-timeout", type=float, default=300.0, help="seconds a request may run (default 300)")
-    s.add_argument("--limit-concurrency", type=int, default=512, help="requests in flight before 503 (default 512)")
-    s.add_argument("--auth-fail-limit", type=float, default=10.0, metavar="N",
-                   help="failed API-key attempts a minute per client address before 429 (default 10; 0: off)")
-    s.add_argument("--metrics-public", action="store_true", help="serve /metrics without a key when keys are set")
-    s.add_argument("--trusted-proxies", action="append", default=[], metavar="ADDR",
-                   help="believe X-Forwarded-For only from these addresses or networks (repeatable; default: none)")
-    s.add_argument("--header-timeout", type=float, default=10.0,
-                   help="seconds a connection has to send a whole request head (default 10) -> 408")
-    s.add_argument("--body-timeout", type=float, default=30.0,
-                   help="seconds a request body has to arrive (default 30) -> 408")
-    s.add_argument("--max-pending-connections", type=int, default=256,
-                   help="connections without a complete request head; beyond, the oldest is closed (default 256)")
-    s.add_argument("--template-timeout", type=float, default=2.0, help="seconds a chat template may render (default 2)")
-    s.add_argument("--template-memory-mb", type=int, default=512,
-                   help="memory a chat-template render may use (default 512)")
-    s.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
-                   help="allow browser calls from ORIGIN (repeatable; CORS is off by default)")
-    o = p.add_argument_group("operations")
-    o.add_argument("--log-requests", action="store_true", help="log request bodies (PII-masked); off by default")
-    o.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
-    o.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish in-flight requests on shutdown")
-    return p
+@dataclass(kw_only=True)
+class ServeCommandConfig:
+    """``lmforge serve CKPT``: the server's flags (the ``ServeConfig`` of :mod:`lmforge.serve.app` is
+    built from them, with the API keys loaded and the proxies checked)."""
+
+    checkpoint: str = option(help="a checkpoint directory, or a run directory (its newest checkpoint)", positional=True)
+    host: str = option("127.0.0.1", "address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
+    port: int = option(8000)
+    model_name: str | None = option(None, "the base model's name in the API (default: the checkpoint folder's name)")
+    adapter: list[str] = option([], "serve a LoRA adapter on the base as model NAME (repeatable)", metavar="NAME=PATH")
+    device: str = option("cpu", group="engine")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
+        "auto", "compute dtype (auto: see `lmforge env`)", group="engine")
+    quantize: Literal["none", "bf16", "int8", "int4"] = option("none", "quantize the weights at load", group="engine")
+    max_batch_size: int = option(16, "sequences decoded together per model (default 16)", group="engine")
+    max_seq_len: int | None = option(None, "cap on prompt + completion tokens (default: the model's context)",
+                                     group="engine")
+    threads: int | None = option(None, "torch CPU threads (default: the usable cores, cgroup quota included)",
+                                 group="engine")
+    max_step_tokens: int = option(256, "prompt tokens prefilled per engine step, between the running decodes "
+                                  "(default 256)", group="engine")
+    kv_cache_gb: float | None = option(None, "KV-cache memory budget (default: what the batch could use, at most half "
+                                       "the free memory)", group="engine")
+    stall_timeout: float = option(30.0, "seconds the engine loop may take to come round before /ready fails "
+                                  "(default 30)", group="engine")
+    api_key: list[str] = option([], "an API key clients must present (repeatable; vLLM's flag). A key on the command "
+                                "line is visible to other users of the machine (ps): prefer --api-key-file or "
+                                "LMFORGE_API_KEYS there", metavar="KEY", group=_SECURITY)
+    api_key_file: str | None = option(None, "file of API keys, one a line ('#' comments)", group=_SECURITY)
+    rate_limit: float = option(0.0, "requests a minute per key (0: off)", metavar="RPM", group=_SECURITY)
+    rate_burst: int | None = option(None, "requests at once per key (default: RPM/6)", group=_SECURITY)
+    max_body_bytes: int = option(1 << 20, "request body limit (default 1 MiB) -> 413", group=_SECURITY)
+    max_header_bytes: int = option(16 << 10, "request header limit (default 16 KiB) -> 431", group=_SECURITY)
+    max_n: int = option(8, "choices a request (default 8)", group=_SECURITY)
+    max_tokens: int = option(4096, "cap on max_tokens (default 4096)", group=_SECURITY)
+    max_messages: int = option(512, "messages in a chat request (default 512)", group=_SECURITY)
+    max_prompts: int = option(32, "prompts in a /v1/completions request (default 32)", group=_SECURITY)
+    max_waiting: int = option(256, "queued sequences before 503 (default 256)", group=_SECURITY)
+    request_timeout: float = option(300.0, "seconds a request may run (default 300)", group=_SECURITY)
+    limit_concurrency: int = option(512, "requests in flight before 503 (default 512)", group=_SECURITY)
+    auth_fail_limit: float = option(10.0, "failed API-key attempts a minute per client address before 429 "
+                                    "(default 10; 0: off)", metavar="N", group=_SECURITY)
+    metrics_public: bool = option(False, "serve /metrics without a key when keys are set", group=_SECURITY)
+    trusted_proxies: list[str] = option([], "believe X-Forwarded-For only from these addresses or networks "
+                                        "(repeatable; default: none)", metavar="ADDR", group=_SECURITY)
+    header_timeout: float = option(10.0, "seconds a connection has to send a whole request head (default 10) -> 408",
+                                   group=_SECURITY)
+    body_timeout: float = option(30.0, "seconds a request body has to arrive (default 30) -> 408", group=_SECURITY)
+    max_pending_connections: int = option(256, "connections without a complete request head; beyond, the oldest is "
+                                          "closed (default 256)", group=_SECURITY)
+    template_timeout: float = option(2.0, "seconds a chat template may render (default 2)", group=_SECURITY)
+    template_memory_mb: int = option(512, "memory a chat-template render may use (default 512)", group=_SECURITY)
+    cors_origin: list[str] = option([], "allow browser calls from ORIGIN (repeatable; CORS is off by default)",
+                                    metavar="ORIGIN", group=_SECURITY)
+    log_requests: bool = option(False, "log request bodies (PII-masked); off by default", group="operations")
+    log_level: Literal["debug", "info", "warning", "error"] = option("info", group="operations")
+    drain_timeout: float = option(30.0, "seconds to finish in-flight requests on shutdown", group="operations")
+
+    def __post_init__(self) -> None:
+        for flag in ("max_body_bytes", "max_header_bytes", "max_n", "max_tokens", "max_messages", "max_prompts",
+                     "max_waiting", "limit_concurrency", "max_pending_connections", "template_memory_mb"):
+            if getattr(self, flag) < 1:
+                raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(self, flag)}")
+        for flag in ("request_timeout", "header_timeout", "body_timeout", "template_timeout", "stall_timeout"):
+            if not getattr(self, flag) > 0:
+                raise ConfigError(f"--{flag.replace('_', '-')} must be positive, got {getattr(self, flag)}")
+        if self.drain_timeout < 0 or self.auth_fail_limit < 0:
+            raise ConfigError("--drain-timeout and --auth-fail-limit must not be negative")
+        self.trusted_proxies = _trusted_proxies(self.trusted_proxies)
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"--port must be in 0..65535, got {self.port}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"--threads must be at least 1, got {self.threads}")
+        if self.max_batch_size < 1:
+            raise ConfigError(f"--max-batch-size must be at least 1, got {self.max_batch_size}")
+        if self.max_seq_len is not None and self.max_seq_len < 2:
+            raise ConfigError(f"--max-seq-len must be at least 2, got {self.max_seq_len}")
+        if self.max_step_tokens < 1:
+            raise ConfigError(f"--max-step-tokens must be at least 1, got {self.max_step_tokens}")
+        if self.kv_cache_gb is not None and self.kv_cache_gb <= 0:
+            raise ConfigError(f"--kv-cache-gb must be positive, got {self.kv_cache_gb}")
 
 
 def _trusted_proxies(specs: list[str]) -> list[str]:
@@ -146,7 +164,7 @@ def _adapter_loader():
     return load_adapter
 
 
-def build_models(args: argparse.Namespace):
+def build_models(args: ServeCommandConfig):
     """The served models: the base checkpoint's engine, then one engine per adapter."""
     import torch
 
@@ -155,17 +173,9 @@ def build_models(args: argparse.Namespace):
     from ..train.checkpoint import load_model
     from .app import ServedModel
 
-    if args.max_batch_size < 1:
-        raise ConfigError(f"--max-batch-size must be at least 1, got {args.max_batch_size}")
-    if args.max_seq_len is not None and args.max_seq_len < 2:
-        raise ConfigError(f"--max-seq-len must be at least 2, got {args.max_seq_len}")
     adapters = parse_adapters(args.adapter)
     load_adapter = _adapter_loader() if adapters else None
     quantize = None if args.quantize == "none" else args.quantize
-    if args.max_step_tokens < 1:
-        raise ConfigError(f"--max-step-tokens must be at least 1, got {args.max_step_tokens}")
-    if args.kv_cache_gb is not None and args.kv_cache_gb <= 0:
-        raise ConfigError(f"--kv-cache-gb must be positive, got {args.kv_cache_gb}")
     kv_bytes = None if args.kv_cache_gb is None else int(args.kv_cache_gb * 2**30)
     engine = load_engine(args.checkpoint, device=args.device, dtype=args.dtype, quantize=quantize,
                          max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
@@ -196,47 +206,38 @@ def build_models(args: argparse.Namespace):
     return models
 
 
-def run_serve(args: argparse.Namespace) -> None:
+def run_serve(cfg: ServeCommandConfig) -> None:
+    try:
+        import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise LmforgeError(f"serving needs the 'serve' extra (pip install 'lmforge[serve]'): {e}") from None
+    from ..hardware import use_threads
     from .app import ServeConfig, create_app
     from .auth import ApiKeys
     from .logs import setup_logging
     from .server import run_server
 
-    for flag in ("max_body_bytes", "max_header_bytes", "max_n", "max_tokens", "max_messages", "max_prompts",
-                 "max_waiting", "limit_concurrency", "max_pending_connections", "template_memory_mb"):
-        if getattr(args, flag) < 1:
-            raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
-    for flag in ("request_timeout", "header_timeout", "body_timeout", "template_timeout", "stall_timeout"):
-        if not getattr(args, flag) > 0:
-            raise ConfigError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
-    if args.drain_timeout < 0 or args.auth_fail_limit < 0:
-        raise ConfigError("--drain-timeout and --auth-fail-limit must not be negative")
-    proxies = _trusted_proxies(args.trusted_proxies)
-    if not 0 <= args.port <= 65535:
-        raise ConfigError(f"--port must be in 0..65535, got {args.port}")
     # ServeConfig's fields are the flags of the same names, but for these
     renamed = {"max_tokens_cap": "max_tokens", "max_concurrent": "limit_concurrency"}
-    given = {"api_keys": ApiKeys.load(args.api_key_file, keys_given=args.api_key), "cors_origins": list(args.cors_origin),
-             "trusted_proxies": proxies}
-    config = ServeConfig(**{f.name: given[f.name] if f.name in given else getattr(args, renamed.get(f.name, f.name))
+    given = {"api_keys": ApiKeys.load(cfg.api_key_file, keys_given=cfg.api_key), "cors_origins": list(cfg.cors_origin),
+             "trusted_proxies": list(cfg.trusted_proxies)}
+    config = ServeConfig(**{f.name: given[f.name] if f.name in given else getattr(cfg, renamed.get(f.name, f.name))
                             for f in dataclasses.fields(ServeConfig)
-                            if f.name in given or hasattr(args, renamed.get(f.name, f.name))})
-    if args.threads is not None and args.threads < 1:
-        raise ConfigError(f"--threads must be at least 1, got {args.threads}")
-    from ..hardware import use_threads
-
-    use_threads(args.threads)  # default: the usable cores (affinity and cgroup quota)
-    models = build_models(args)
+                            if f.name in given or hasattr(cfg, renamed.get(f.name, f.name))})
+    use_threads(cfg.threads)  # default: the usable cores (affinity and cgroup quota)
+    models = build_models(cfg)
     app = create_app(models, config)
-    setup_logging(args.log_level)
-    if not config.api_keys.enabled and args.host not in ("127.0.0.1", "localhost", "::1"):
+    setup_logging(cfg.log_level)
+    if not config.api_keys.enabled and cfg.host not in ("127.0.0.1", "localhost", "::1"):
         import logging
 
         logging.getLogger("lmforge.serve").warning(
             "no API keys: anyone who reaches this address can use the API",
-            extra={"fields": {"event": "warning", "host": args.host}},
+            extra={"fields": {"event": "warning", "host": cfg.host}},
         )
-    print(f"serving {', '.join(m.name for m in models)} on http://{args.host}:{args.port} "
+    print(f"serving {', '.join(m.name for m in models)} on http://{cfg.host}:{cfg.port} "
           f"(chat page at /, API at /v1)", flush=True)
-    run_server(app, host=args.host, port=args.port, drain_timeout=args.drain_timeout,
-               log_level=args.log_level if args.log_level != "info" else "warning")
+    run_server(app, host=cfg.host, port=cfg.port, drain_timeout=cfg.drain_timeout,
+               log_level=cfg.log_level if cfg.log_level != "info" else "warning")

@@ -1,4 +1,8 @@
-"""The ``tokenizer train`` stage: documents in, ``<out>/tokenizer.json`` out."""
+"""``lmforge tokenizer train``: documents in, ``<out>/tokenizer.json`` out.
+
+A command (it reads corpora through the data layer's sources), so it lives beside, not inside,
+the tokenizer library: ``TokenizerTrainConfig`` is its recipe stage's typed config, ``run_train``
+its run function."""
 
 from __future__ import annotations
 
