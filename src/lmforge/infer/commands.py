@@ -67,7 +67,9 @@ class ChatConfig(SamplingOptions, EngineOptions):
 
 
 def sampling_from(cfg: SamplingOptions, tokenizer, logprobs: int | None = None) -> SamplingParams:
-    from .sampling import SamplingParams
+    """The CLI's flags -> SamplingParams through the builder the server uses too; only what is
+    the CLI's own stays here (``--greedy``, ``--stop-token`` given as text or id)."""
+    from .sampling import build_sampling_params
 
     stop_ids = []
     for t in cfg.stop_token:
@@ -75,7 +77,7 @@ def sampling_from(cfg: SamplingOptions, tokenizer, logprobs: int | None = None) 
         if tid is None or not 0 <= tid < tokenizer.vocab_size:
             raise ConfigError(f"unknown stop token {t!r}: it is not a token of this model's vocabulary")
         stop_ids.append(tid)
-    return SamplingParams(
+    return build_sampling_params(
         max_tokens=cfg.max_tokens,
         temperature=0.0 if cfg.greedy else cfg.temperature,
         top_k=cfg.top_k,
@@ -84,20 +86,13 @@ def sampling_from(cfg: SamplingOptions, tokenizer, logprobs: int | None = None) 
         repetition_penalty=cfg.repetition_penalty,
         presence_penalty=cfg.presence_penalty,
         frequency_penalty=cfg.frequency_penalty,
-        stop=list(cfg.stop),
+        stop=cfg.stop,
         stop_token_ids=stop_ids,
         ignore_eos=cfg.ignore_eos,
         seed=cfg.seed,
         logprobs=logprobs,
-    ).validate(tokenizer.vocab_size)
-
-
-def seeded(params: SamplingParams, n: int) -> list[SamplingParams]:
-    """``n`` copies of ``params`` with seeds seed, seed+1, ... (unseeded stays unseeded), so
-    a prompt's output does not depend on the batch it ran in."""
-    if params.seed is None:
-        return [params] * n
-    return [dataclasses.replace(params, seed=params.seed + i) for i in range(n)]
+        vocab_size=tokenizer.vocab_size,
+    )
 
 
 def engine_from(cfg: EngineOptions, batch: int = 1, overflow: str = "error"):
@@ -169,6 +164,8 @@ def run_generate(cfg: GenerateConfig) -> None:
             texts.append(template.render([{"role": "user", "content": p}], add_generation_prompt=True))
         else:
             texts.append(p)
+    from .sampling import seeded
+
     plist = seeded(params, len(texts))
     out = open(cfg.out, "w", encoding="utf-8") if cfg.out else sys.stdout
     try:
@@ -211,6 +208,8 @@ def print_samples(engine, prompt: str, n: int, params: SamplingParams) -> list[s
     tok = engine.tokenizer
     if tok.unk_id is not None and tok.unk_id in tok.encode(prompt):
         raise LmforgeError("the prompt holds characters the tokenizer does not know")
+    from .sampling import seeded
+
     plist = seeded(params, n)
     texts = []
     for i, c in enumerate(engine.generate([prompt] * n, plist)):
