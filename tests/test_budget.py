@@ -15,7 +15,7 @@ from conftest import TINY_PRETRAIN, read_metrics
 from lmforge.cli import main
 from lmforge.model.gpt import GPT, GPTConfig
 from lmforge.train.budget import TimeBudget
-from lmforge.train.checkpoint import list_checkpoints
+from lmforge.checkpoint import list_checkpoints
 from lmforge.train.engine import Engine, TrainConfig
 from lmforge.train.objectives.lm import LMObjective
 from lmforge.train.tracking import LogConfig

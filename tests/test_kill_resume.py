@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from lmforge.train.checkpoint import recover_checkpoints
+from lmforge.checkpoint import recover_checkpoints
 from lmforge.train.tracking import set_aside_previous_run, trim_metrics
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "kill_resume.py"

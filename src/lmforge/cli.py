@@ -379,7 +379,7 @@ def cmd_adversarial(args) -> None:
 
 
 def cmd_merge(args) -> None:
-    from .model.peft.merge import merge_adapter
+    from .checkpoint.commands import merge_adapter
 
     out = merge_adapter(args.adapter, args.out, base=args.base, overwrite=args.overwrite)
     print(f"merged {args.adapter} -> {out}")
@@ -423,7 +423,7 @@ def cmd_eval(args) -> None:
 
 
 def cmd_quantize(args) -> None:
-    from .model.quant import quantize_checkpoint
+    from .checkpoint.commands import quantize_checkpoint
 
     path = quantize_checkpoint(args.checkpoint, args.out, args.method, args.group_size, overwrite=args.overwrite)
     size = (path / "model.safetensors").stat().st_size
@@ -431,7 +431,7 @@ def cmd_quantize(args) -> None:
 
 
 def cmd_prune(args) -> None:
-    from .model.prune import prune_and_recover
+    from .checkpoint.commands import prune_and_recover
 
     summary = prune_and_recover(
         args.checkpoint, args.out, args.method, args.ratio,
@@ -538,7 +538,7 @@ def cmd_import(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from .train.checkpoint import resolve_checkpoint
+    from .checkpoint import resolve_checkpoint
 
     ckpt = resolve_checkpoint(args.checkpoint)
     if args.format == "hf":

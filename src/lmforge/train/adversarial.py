@@ -23,16 +23,11 @@ from typing import Any
 
 import torch
 
+from ..checkpoint import load_model, read_config, resolve_checkpoint
 from ..config import to_dict
 from ..data.examples import ExampleFormat
 from ..errors import ConfigError
 from ..model.peft import PeftConfig, apply_peft, store_frozen_in, trainable_summary
-from .checkpoint import (
-    check_fresh_run,
-    load_model,
-    read_config,
-    resolve_checkpoint,
-)
 from .engine import Engine, TrainConfig, autocast_dtype, resolve_train_precision
 from .objectives.adversarial import (
     AdversarialConfig,
@@ -42,6 +37,7 @@ from .objectives.adversarial import (
     write_samples,
 )
 from .objectives.dpo import reference_for
+from .state import check_fresh_run
 from .tracking import LogConfig
 
 

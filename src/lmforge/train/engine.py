@@ -25,18 +25,11 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .. import hardware
+from ..checkpoint import list_checkpoints, recover_checkpoints, unwrap
 from ..config import to_dict
 from ..hardware import autocast_dtype
 from ..errors import ConfigError, LmforgeError
 from .budget import TimeBudget, estimate_save_s
-from .checkpoint import (
-    list_checkpoints,
-    load_training_state,
-    recover_checkpoints,
-    save_checkpoint,
-    save_sharded_optimizer,
-    unwrap,
-)
 from .distributed import (
     DistInfo,
     all_reduce_sum,
@@ -47,6 +40,7 @@ from .distributed import (
 from .objectives.base import Objective, RunContext
 from .optim import build_optimizer
 from .schedule import lr_multiplier
+from .state import load_training_state, save_sharded_optimizer, save_training_checkpoint
 from .tracking import RUN_LOGS, LogConfig, RunLogger, set_aside_previous_run, trim_metrics
 
 
@@ -182,7 +176,7 @@ class Engine:
         (a checkpoint was written / is being resumed: state the hook owns, e.g. the adversarial
         discriminator, goes in or comes from that directory). ``checkpoint_extra`` goes into every
         checkpoint's config.json; ``sidecars_from`` and ``base_checkpoint`` as in
-        :func:`~lmforge.train.checkpoint.save_checkpoint`. ``clock`` (seconds, monotonic; default
+        :func:`~lmforge.train.state.save_training_checkpoint`. ``clock`` (seconds, monotonic; default
         ``time.perf_counter``) times the run for ``train.max_minutes`` (tests inject their own)."""
         self.clock = clock or time.perf_counter
         self._now = self.clock()  # the clock at the end of the last timed segment (step, evaluation, checkpoint)
@@ -280,7 +274,7 @@ class Engine:
             diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
             raise ConfigError(f"cannot resume {ckpt}: the model settings differ ({', '.join(diff)})")
         if getattr(net, "peft", None) is not None:  # an adapter checkpoint: only the trained tensors
-            from ..model.peft.io import read_adapter_weights
+            from ..checkpoint import read_adapter_weights
 
             weights = read_adapter_weights(ckpt, net, net.peft.cfg, device=str(self.device))
             missing, unexpected = self._load_weights(weights, strict=False)
@@ -457,7 +451,7 @@ class Engine:
             budget = self.budget.state(self._now) if self.budget is not None else getattr(self, "_saved_budget", None)
             if budget:
                 state["budget"] = budget
-            save_checkpoint(
+            save_training_checkpoint(
                 path,
                 self.model,
                 self.tokenizer_file,

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import load_model, read_config
 from ..config import to_dict
 from ..data.shards import load_meta
 from ..errors import ConfigError
 from ..model.gpt import GPT, GPTConfig
-from .checkpoint import check_fresh_run, load_model, read_config
 from .continual import (
     ContinualConfig,
     describe,
@@ -23,6 +23,7 @@ from .continual import (
 )
 from .engine import Engine, FitResult, TrainConfig
 from .objectives.lm import LMObjective
+from .state import check_fresh_run
 from .tracking import LogConfig
 
 
