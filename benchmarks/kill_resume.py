@@ -58,8 +58,9 @@ def _die() -> None:
 def install_kill(point: str, at: int) -> None:
     import shutil
 
+    from lmforge.checkpoint import weights
     from lmforge.runs import tracking
-    from lmforge.train import checkpoint, engine
+    from lmforge.train import engine, state
 
     saves = {"n": 0}
     real_save = engine.Engine.save
@@ -73,7 +74,9 @@ def install_kill(point: str, at: int) -> None:
 
     engine.Engine.save = counting_save
     if point in ("save-model", "save-optimizer"):
-        real_file = checkpoint.save_safetensors
+        # model.safetensors is written by lmforge.checkpoint.weights, optimizer.safetensors by lmforge.train.state
+        writer = weights if point == "save-model" else state
+        real_file = writer.save_safetensors
         wanted = "model.safetensors" if point == "save-model" else "optimizer.safetensors"
 
         def save_file(tensors, filename, *a, **k):
@@ -82,9 +85,9 @@ def install_kill(point: str, at: int) -> None:
                 _die()
             return out
 
-        checkpoint.save_safetensors = save_file
+        writer.save_safetensors = save_file
     elif point == "save-state":
-        real_json = checkpoint.atomic_write_json
+        real_json = state.atomic_write_json  # trainer_state.json is lmforge.train.state's
 
         def write_json(path, obj):
             if saves["n"] == at and str(path).endswith("trainer_state.json"):
@@ -92,7 +95,7 @@ def install_kill(point: str, at: int) -> None:
                 _die()
             return real_json(path, obj)
 
-        checkpoint.atomic_write_json = write_json
+        state.atomic_write_json = write_json
     elif point == "save-rename":
         real_replace = os.replace
 

@@ -65,7 +65,7 @@ def worker(side: str, base: str, hf_dir: str, steps: int, warmup: int, batch: in
     data, pad = batches(base, steps + warmup, batch, max_length)
     if side == "lmforge":
         from lmforge.model.peft import PeftConfig, apply_peft, store_frozen_in
-        from lmforge.train.checkpoint import load_model
+        from lmforge.checkpoint import load_model
 
         model, _ = load_model(base)
         apply_peft(model, PeftConfig(method="lora", r=r, alpha=2 * r, dropout=0.05, target_modules=TARGETS))

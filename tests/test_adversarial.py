@@ -17,7 +17,7 @@ from lmforge.cli import main
 from lmforge.model.gpt import GPT, GPTConfig
 from lmforge.runs.tracking import LogConfig
 from lmforge.tokenizer import Tokenizer
-from lmforge.train.checkpoint import load_model, save_checkpoint
+from lmforge.checkpoint import load_model, save_checkpoint
 from lmforge.train.engine import TrainConfig
 from lmforge.train.objectives.adversarial import (
     AdversarialConfig,

@@ -16,7 +16,7 @@ from lmforge.cli import main
 from lmforge.model.gpt import GPT, GPTConfig
 from lmforge.runs.tracking import LogConfig
 from lmforge.train.budget import TimeBudget
-from lmforge.train.checkpoint import list_checkpoints
+from lmforge.checkpoint import list_checkpoints
 from lmforge.train.engine import Engine, TrainConfig
 from lmforge.train.hooks import EngineHook
 from lmforge.train.objectives.lm import LMObjective

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from lmforge.cli import main
 from lmforge.config import from_dict, to_dict
 from lmforge.model.gpt import GPT, GPTConfig
-from lmforge.train.checkpoint import list_checkpoints, load_model, save_checkpoint
+from lmforge.checkpoint import list_checkpoints, load_model, save_checkpoint
 from lmforge.train.engine import TrainConfig
 from lmforge.train.objectives.base import RunContext
 from lmforge.train.objectives.lm import LMObjective

@@ -28,7 +28,7 @@ from lmforge.eval.perplexity import (
 )
 from lmforge.runs.metrics import token_byte_lengths
 from lmforge.tokenizer import Tokenizer
-from lmforge.train.checkpoint import load_model
+from lmforge.checkpoint import load_model
 
 
 @pytest.fixture(scope="module")
@@ -245,7 +245,7 @@ def test_eval_command_every_kind(llama, tmp_path: Path, capsys) -> None:
 
 def test_eval_uses_a_classification_head(tiny_data: Path, tmp_path: Path) -> None:
     from lmforge.model.gpt import GPT, GPTConfig
-    from lmforge.train.checkpoint import save_checkpoint
+    from lmforge.checkpoint import save_checkpoint
 
     vocab = json.loads((tiny_data / "meta.json").read_text())["vocab_size"]
     torch.manual_seed(0)

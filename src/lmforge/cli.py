@@ -99,7 +99,7 @@ class MergeConfig:
 
 
 def run_merge(cfg: MergeConfig) -> None:
-    from .model.peft.merge import merge_adapter
+    from .checkpoint.commands import merge_adapter
 
     out = merge_adapter(cfg.adapter, cfg.out, base=cfg.base, overwrite=cfg.overwrite)
     print(f"merged {cfg.adapter} -> {out}")
@@ -137,7 +137,7 @@ class ExportConfig:
 
 
 def run_export(cfg: ExportConfig) -> None:
-    from .train.checkpoint import resolve_checkpoint
+    from .checkpoint import resolve_checkpoint
 
     ckpt = resolve_checkpoint(cfg.checkpoint)
     if cfg.format == "hf":
@@ -161,7 +161,7 @@ class QuantizeConfig:
 
 
 def run_quantize(cfg: QuantizeConfig) -> None:
-    from .model.quant import quantize_checkpoint
+    from .checkpoint.commands import quantize_checkpoint
 
     path = quantize_checkpoint(cfg.checkpoint, cfg.out, cfg.method, cfg.group_size, overwrite=cfg.overwrite)
     size = (path / "model.safetensors").stat().st_size
@@ -190,7 +190,7 @@ class PruneConfig:
 
 
 def run_prune(cfg: PruneConfig) -> None:
-    from .model.prune import prune_and_recover
+    from .checkpoint.commands import prune_and_recover
 
     summary = prune_and_recover(
         cfg.checkpoint, cfg.out, cfg.method, cfg.ratio,

@@ -154,15 +154,10 @@ def head_predictions(model: Any, tokenizer: Any, texts: Sequence[str], template:
 
 
 def _load(checkpoint: str | Path) -> tuple[Any, Any, dict[str, Any]]:
-    from ..tokenizer import Tokenizer
-    from ..train.checkpoint import load_model, read_config
+    from ..checkpoint import Checkpoint
 
-    model, ckpt = load_model(checkpoint)
-    config = read_config(ckpt)
-    tokenizer_file = ckpt / "tokenizer.json"
-    if not tokenizer_file.is_file() and (config.get("adapter") or {}).get("base_checkpoint"):
-        tokenizer_file = Path(config["adapter"]["base_checkpoint"]) / "tokenizer.json"
-    return model, Tokenizer.from_file(tokenizer_file), config
+    ckpt = Checkpoint.open(checkpoint)
+    return ckpt.load_model(), ckpt.tokenizer(), ckpt.config
 
 
 def evaluate_robustness(

@@ -112,16 +112,14 @@ class LoadedModel:
 
 
 def load_for_eval(checkpoint: str, opts: EvalOptions) -> LoadedModel:
-    from ..tokenizer import Tokenizer
-    from ..tokenizer.chat import ChatTemplate
-    from ..train.checkpoint import load_model, read_config
+    from ..checkpoint import Checkpoint
 
-    model, path = load_model(checkpoint)
+    ckpt = Checkpoint.open(checkpoint)
+    model, path, config = ckpt.load_model(), ckpt.path, ckpt.config
     model.eval()
-    tokenizer = Tokenizer.from_file(path / "tokenizer.json")
-    config = read_config(path)
+    tokenizer = ckpt.tokenizer()
     use_chat = opts.chat == "on" or (opts.chat == "auto" and _has_chat_template(path, config, tokenizer))
-    template = ChatTemplate.from_checkpoint(path) if use_chat else None
+    template = ckpt.chat_template() if use_chat else None
     name = path.name
     if name.startswith("step_") and path.parent.name == "checkpoints":  # a run's checkpoint: the run's name
         name = path.parent.parent.name

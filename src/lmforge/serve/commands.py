@@ -136,26 +136,15 @@ def parse_adapters(specs: list[str]) -> list[tuple[str, Path]]:
 
 
 def _adapter_loader():
-    """``load_adapter(model, adapter_dir) -> model`` of lmforge.model.peft, then LoRA merged
+    """``load_adapter(model, adapter_dir) -> model`` of lmforge.checkpoint, then LoRA merged
     into the weights where the method allows (decoding then costs what the base costs)."""
-    try:
-        from ..model import peft
-    except ImportError:
-        raise ConfigError(
-            "--adapter needs LoRA support (lmforge.model.peft), which this installation does not have yet"
-        ) from None
-    load = getattr(peft, "load_adapter", None)
-    if load is None:
-        try:
-            from ..model.peft.io import load_adapter as load
-        except ImportError:
-            raise ConfigError("--adapter: lmforge.model.peft has no load_adapter") from None
-    merge = getattr(peft, "merge_peft", None)
+    from ..checkpoint import load_adapter as load
+    from ..model.peft import merge_peft as merge
 
     def load_adapter(model, path):
         model = load(model, path)
         handle = getattr(model, "peft", None)
-        if merge is not None and handle is not None and getattr(handle.cfg, "method", None) in (
+        if handle is not None and getattr(handle.cfg, "method", None) in (
             "lora", "dora", "adalora", "ia3"
         ):
             model = merge(model) or model
@@ -168,35 +157,40 @@ def build_models(args: ServeCommandConfig):
     """The served models: the base checkpoint's engine, then one engine per adapter."""
     import torch
 
-    from ..infer.engine import InferenceEngine, load_engine
-    from ..tokenizer.chat import ChatTemplate
-    from ..train.checkpoint import load_model
+    from ..checkpoint import load_shared
+    from ..hardware import inference_dtype
+    from ..infer.engine import InferenceEngine, engine_for
+    from ..model.quant import quantize_model
     from .app import ServedModel
 
     adapters = parse_adapters(args.adapter)
     load_adapter = _adapter_loader() if adapters else None
     quantize = None if args.quantize == "none" else args.quantize
     kv_bytes = None if args.kv_cache_gb is None else int(args.kv_cache_gb * 2**30)
-    engine = load_engine(args.checkpoint, device=args.device, dtype=args.dtype, quantize=quantize,
-                         max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
-                         max_step_tokens=args.max_step_tokens, kv_cache_bytes=kv_bytes)
-    template = ChatTemplate.from_checkpoint(engine.checkpoint)
     base_name = args.model_name or Path(args.checkpoint).resolve().name
     if not _NAME.match(base_name):
         raise ConfigError(f"model name {base_name!r}: use letters, digits and . _ : / - (up to 128)")
     if any(n == base_name for n, _ in adapters):
         raise ConfigError(f"adapter name {base_name!r} is the base model's name")
-    models = [ServedModel(base_name, engine, template, source=str(engine.checkpoint))]
-    dtype = next(engine.model.parameters()).dtype
-    for name, path in adapters:
-        # an engine per adapter over its own copy of the base with the adapter applied
-        # (merged LoRA: decoding costs the same as the base)
-        model, _ = load_model(engine.checkpoint, device=args.device)
+    inference_dtype(args.dtype, args.device)  # a bad value fails before the checkpoint loads
+
+    def adapt(model, path):
+        # the adapter applied to a copy of the base sharing its unchanged tensors (merged
+        # LoRA: decoding costs the same as the base), quantized like the base
         model = load_adapter(model, path)
         if quantize is not None:
-            from ..model.quant import quantize_model
-
             quantize_model(model, quantize)
+        return model
+
+    # the base's weights are read once, whatever the number of adapters
+    base, adapter_models, ckpt = load_shared(args.checkpoint, [p for _, p in adapters], device=args.device,
+                                             quantize=quantize, adapt=adapt)
+    engine = engine_for(base, ckpt, device=args.device, dtype=args.dtype, max_batch_size=args.max_batch_size,
+                        max_seq_len=args.max_seq_len, max_step_tokens=args.max_step_tokens, kv_cache_bytes=kv_bytes)
+    template = ckpt.chat_template()
+    models = [ServedModel(base_name, engine, template, source=str(engine.checkpoint))]
+    dtype = next(engine.model.parameters()).dtype
+    for (name, path), model in zip(adapters, adapter_models):
         if dtype != torch.float32:  # the base engine's compute dtype
             model = model.to(dtype)
         eng = InferenceEngine(model, engine.tokenizer, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,

@@ -23,17 +23,12 @@ from typing import Any
 
 import torch
 
+from ..checkpoint import load_model, read_config, resolve_checkpoint
 from ..config import to_dict
 from ..data.examples import ExampleFormat
 from ..errors import ConfigError
 from ..model.peft import PeftConfig, apply_peft, store_frozen_in, trainable_summary
 from ..runs.tracking import LogConfig
-from .checkpoint import (
-    check_fresh_run,
-    load_model,
-    read_config,
-    resolve_checkpoint,
-)
 from .engine import Engine, TrainConfig, autocast_dtype, check_parallel, resolve_train_precision
 from .hooks import EngineHook, peft_hooks
 from .objectives.adversarial import (
@@ -45,6 +40,7 @@ from .objectives.adversarial import (
 )
 from .objectives.dpo import reference_for
 from .saving import SaveSpec
+from .state import check_fresh_run
 
 
 @dataclass

@@ -176,7 +176,7 @@ class ReplayObjective(Objective):
 
 # --------------------------------------------------------------------------------- penalties
 def _trained(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
-    from .checkpoint import unwrap
+    from ..checkpoint import unwrap
 
     return [(n, p) for n, p in unwrap(model).named_parameters() if p.requires_grad]
 

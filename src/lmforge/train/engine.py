@@ -25,19 +25,12 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .. import hardware
+from ..checkpoint import list_checkpoints, recover_checkpoints, unwrap
 from ..config import to_dict
 from ..hardware import autocast_dtype
 from ..errors import ConfigError, LmforgeError
 from ..runs.tracking import RUN_LOGS, LogConfig, RunLogger, set_aside_previous_run, trim_metrics
 from .budget import TimeBudget, estimate_save_s
-from .checkpoint import (
-    list_checkpoints,
-    load_training_state,
-    recover_checkpoints,
-    save_checkpoint,
-    save_sharded_optimizer,
-    unwrap,
-)
 from .distributed import (
     DistInfo,
     all_reduce_sum,
@@ -51,6 +44,7 @@ from .objectives.base import Objective, RunContext
 from .optim import build_optimizer
 from .saving import SaveSpec
 from .schedule import lr_multiplier
+from .state import load_training_state, save_sharded_optimizer, save_training_checkpoint
 
 
 #: Seconds the report card takes after the last checkpoint (matplotlib and the plots of
@@ -286,7 +280,7 @@ class Engine:
             diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
             raise ConfigError(f"cannot resume {ckpt}: the model settings differ ({', '.join(diff)})")
         if getattr(net, "peft", None) is not None:  # an adapter checkpoint: only the trained tensors
-            from ..model.peft.io import read_adapter_weights
+            from ..checkpoint import read_adapter_weights
 
             weights = read_adapter_weights(ckpt, net, net.peft.cfg, device=str(self.device))
             missing, unexpected = self._load_weights(weights, strict=False)
@@ -461,7 +455,7 @@ class Engine:
             budget = self.budget.state(self._now) if self.budget is not None else getattr(self, "_saved_budget", None)
             if budget:
                 state["budget"] = budget
-            save_checkpoint(
+            save_training_checkpoint(
                 path,
                 self.model,
                 self.saving.tokenizer_file,

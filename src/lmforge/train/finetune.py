@@ -19,16 +19,11 @@ from typing import Any, Literal
 
 import torch
 
+from ..checkpoint import load_model, read_config, resolve_checkpoint
 from ..config import to_dict
 from ..errors import ConfigError
 from ..model.peft import PeftConfig, apply_peft, store_frozen_in, trainable_summary
 from ..runs.tracking import LogConfig
-from .checkpoint import (
-    check_fresh_run,
-    load_model,
-    read_config,
-    resolve_checkpoint,
-)
 from .continual import ContinualConfig, describe, make_penalties, replay_sft_objective, whole_parameter_readers
 from .engine import Engine, TrainConfig, autocast_dtype, check_parallel, resolve_train_precision
 from .hooks import peft_hooks
@@ -36,6 +31,7 @@ from .objectives.classify import ClassifyConfig, ClassifyObjective
 from .objectives.dpo import DPOConfig, DPOObjective, reference_for
 from .objectives.sft import SFTConfig, SFTObjective
 from .saving import SaveSpec
+from .state import check_fresh_run
 
 
 @dataclass

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import load_model, read_config
 from ..config import to_dict
 from ..data.shards import load_meta
 from ..errors import ConfigError
 from ..model.gpt import GPT, GPTConfig
 from ..runs.tracking import LogConfig
-from .checkpoint import check_fresh_run, load_model, read_config
 from .continual import (
     ContinualConfig,
     describe,
@@ -26,6 +26,7 @@ from .continual import (
 from .engine import Engine, FitResult, TrainConfig, check_parallel
 from .objectives.lm import LMObjective
 from .saving import SaveSpec
+from .state import check_fresh_run
 
 
 @dataclass

@@ -17,7 +17,7 @@ class SaveSpec:
     """``tokenizer_file`` is copied into each checkpoint; ``extra`` goes into its config.json
     (with the step and the run's config); ``sidecars_from`` (a checkpoint whose chat template and
     tokenizer sidecar files are copied) and ``base_checkpoint`` (the base an adapter checkpoint names and
-    loads first) as in :func:`lmforge.train.checkpoint.save_checkpoint`."""
+    loads first) as in :func:`lmforge.train.state.save_training_checkpoint`."""
 
     tokenizer_file: str | Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)

@@ -2,7 +2,8 @@
 
 :func:`apply_peft` freezes a loaded :class:`~lmforge.model.gpt.GPT` and adds the trainable
 parts of one method; the model then trains with the ordinary engine, and
-:func:`~lmforge.model.peft.io.save_adapter` writes only those parts.
+:func:`lmforge.checkpoint.adapters.save_adapter` writes only those parts (adapter files are a
+checkpoint matter: :mod:`lmforge.checkpoint.adapters`).
 
 =========  ==================================================================  =========
 method     what trains                                                          merges
@@ -358,11 +359,7 @@ def merge_peft(model):
     return model
 
 
-from .io import load_adapter, save_adapter  # noqa: E402  (io builds on the definitions above)
-
 __all__ = [
-    "load_adapter",
-    "save_adapter",
     "PeftConfig",
     "PeftHandle",
     "apply_peft",

@@ -297,15 +297,15 @@ class DiscriminatorTrainer(EngineHook):
         return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
 
     def on_save(self, path: Path) -> None:
-        from ..checkpoint import save_checkpoint
+        from ..state import save_training_checkpoint
 
-        save_checkpoint(Path(path) / "discriminator", self.model, self.tokenizer_file, optimizer=self.optimizer,
+        save_training_checkpoint(Path(path) / "discriminator", self.model, self.tokenizer_file, optimizer=self.optimizer,
                         trainer_state={"role": "discriminator"}, extra={"adversarial": {"role": "discriminator"}})
 
     def on_resume(self, path: Path) -> None:
         from safetensors.torch import load_file
 
-        from ..checkpoint import load_training_state
+        from ..state import load_training_state
 
         d = Path(path) / "discriminator"
         if not (d / "model.safetensors").is_file():
