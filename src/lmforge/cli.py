@@ -89,132 +89,6 @@ def _recipes(stage: str) -> str:
     return ", ".join(names) or "none"
 
 
-# ---- commands whose home is the checkpoint layer (checkpoint/commands.py once it exists) -------
-@dataclass(kw_only=True)
-class MergeConfig:
-    adapter: str = option(help="adapter checkpoint, run directory, or PEFT adapter directory", positional=True)
-    out: str = option(help="checkpoint directory to write", positional=True)
-    base: str | None = option(None, "the base checkpoint (default: the one the adapter names)")
-    overwrite: bool = option(False, "replace an existing output directory")
-
-
-def run_merge(cfg: MergeConfig) -> None:
-    from .checkpoint.commands import merge_adapter
-
-    out = merge_adapter(cfg.adapter, cfg.out, base=cfg.base, overwrite=cfg.overwrite)
-    print(f"merged {cfg.adapter} -> {out}")
-
-
-@dataclass(kw_only=True)
-class ImportConfig:
-    source: str = option(help="HF model directory, hub id (org/name), or a .gguf file", positional=True)
-    out: str = option(help="checkpoint directory to write", positional=True)
-    overwrite: bool = option(False, "replace an existing output directory")
-
-
-def run_import(cfg: ImportConfig) -> None:
-    if cfg.source.lower().endswith(".gguf"):
-        from .io.gguf import import_gguf
-
-        path = import_gguf(cfg.source, cfg.out, overwrite=cfg.overwrite)
-    else:
-        from .io.hf import import_hf
-
-        path = import_hf(cfg.source, cfg.out, overwrite=cfg.overwrite)
-    print(f"imported {cfg.source} -> {path}")
-
-
-_CHECKPOINT_HELP = "a checkpoint directory, or a run directory (its newest checkpoint)"
-
-
-@dataclass(kw_only=True)
-class ExportConfig:
-    checkpoint: str = option(help=_CHECKPOINT_HELP, positional=True)
-    format: Literal["hf", "gguf"] = option()
-    dtype: Literal["f32", "f16", "q8_0"] = option("f16", "GGUF tensor type (default f16)")
-    out: str = option(help="output directory (hf) or .gguf file (gguf)", positional=True)
-    overwrite: bool = option(False, "replace an existing output")
-
-
-def run_export(cfg: ExportConfig) -> None:
-    from .checkpoint import resolve_checkpoint
-
-    ckpt = resolve_checkpoint(cfg.checkpoint)
-    if cfg.format == "hf":
-        from .io.hf import export_hf
-
-        path = export_hf(ckpt, cfg.out, overwrite=cfg.overwrite)
-    else:
-        from .io.gguf import export_gguf
-
-        path = export_gguf(ckpt, cfg.out, dtype=cfg.dtype, overwrite=cfg.overwrite)
-    print(f"exported {ckpt} -> {path}")
-
-
-@dataclass(kw_only=True)
-class QuantizeConfig:
-    checkpoint: str = option(help=_CHECKPOINT_HELP, positional=True)
-    out: str = option(help="checkpoint directory to write", positional=True)
-    method: Literal["int8", "int4", "bf16"] = option()
-    group_size: int = option(32, "int4 group size: 32, 64 or 128 (default 32)")
-    overwrite: bool = option(False, "replace an existing output directory")
-
-
-def run_quantize(cfg: QuantizeConfig) -> None:
-    from .checkpoint.commands import quantize_checkpoint
-
-    path = quantize_checkpoint(cfg.checkpoint, cfg.out, cfg.method, cfg.group_size, overwrite=cfg.overwrite)
-    size = (path / "model.safetensors").stat().st_size
-    print(f"quantized {cfg.checkpoint} -> {path} ({cfg.method}, model.safetensors {size / 2**20:.1f} MiB)")
-
-
-@dataclass(kw_only=True)
-class PruneConfig:
-    checkpoint: str = option(help=_CHECKPOINT_HELP, positional=True)
-    out: str = option(help="checkpoint (or, with recovery, run) directory to write", positional=True)
-    method: Literal["magnitude", "mlp", "heads"] = option()
-    ratio: float = option(help="share of weights / channels / heads removed, in (0, 1)")
-    scope: Literal["layer", "global"] = option(
-        "layer", "magnitude: one threshold per matrix or over all of them (default layer)")
-    importance: Literal["auto", "activation", "weight"] = option(
-        "auto", "mlp/heads: activation statistics on calibration data, or weight norms (default auto: activation "
-        "when calibration data is given)")
-    calib_data: str | None = option(None, "prepared shards for activation importance (default: --recover-data)")
-    calib_batches: int = option(16, "calibration batches of 8 windows (default 16)")
-    multiple_of: int = option(1, "mlp: round the kept channels to a multiple (default 1)")
-    include_embeddings: bool = option(False, "magnitude: prune the token embedding too")
-    recover_data: str | None = option(None, "prepared shards: fine-tune the pruned model on them (LM objective)")
-    recover_steps: int = option(200, "recovery optimizer steps (default 200)")
-    overwrite: bool = option(False, "replace an existing output directory")
-    overrides: list[str] = option([], "recovery run settings", positional=True, nargs="*", metavar="key=value")
-
-
-def run_prune(cfg: PruneConfig) -> None:
-    from .checkpoint.commands import prune_and_recover
-
-    summary = prune_and_recover(
-        cfg.checkpoint, cfg.out, cfg.method, cfg.ratio,
-        recover_data=cfg.recover_data, recover_steps=cfg.recover_steps, recover_overrides=cfg.overrides,
-        calib_data=cfg.calib_data, calib_batches=cfg.calib_batches, importance=cfg.importance,
-        multiple_of=cfg.multiple_of, scope=cfg.scope, include_embeddings=cfg.include_embeddings,
-        overwrite=cfg.overwrite,
-    )
-    rep = summary["prune"]
-    if rep["method"] == "magnitude":
-        what = f"sparsity {rep['sparsity']:.1%} of {rep['targets']} matrices ({rep['sparsity_all']:.1%} of all weights)"
-    else:
-        shape = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in rep["shape"].items())
-        what = f"{shape}; params {rep['params'][0]:,} -> {rep['params'][1]:,} ({rep['importance']} importance)"
-    print(f"pruned {cfg.checkpoint} ({rep['method']} {rep['ratio']}): {what}")
-    rec = summary.get("recovery")
-    if rec:
-        before, after = (f"{v:.4f}" if v is not None else "n/a" for v in
-                         (rec["val_loss_after_prune"], rec["val_loss_after_recovery"]))
-        print(f"recovery: {rec['steps']} steps in {rec['wall_s']:.1f} s, val loss {before} after pruning -> {after}")
-    print(f"  checkpoint: {summary['checkpoint']}")
-
-
-
 # ---- small commands of the command line itself -----------------------------------------------
 @dataclass(kw_only=True)
 class PresetsConfig:
@@ -357,7 +231,7 @@ COMMANDS: dict[tuple[str, str | None], Command] = {
                                   "start, MLE)", "adversarial", "lmforge.train.adversarial:AdversarialRunConfig",
                                   f"{_TRAIN}:run_adversarial_command", f"{_TRAIN}:ResumeFlags"),
     ("merge", None): Command(
-        "fold an adapter into its base -> a plain checkpoint", "lmforge.cli:MergeConfig", "lmforge.cli:run_merge",
+        "fold an adapter into its base -> a plain checkpoint", "lmforge.checkpoint.commands:MergeConfig", "lmforge.checkpoint.commands:run_merge",
         description="Merge a LoRA / DoRA / AdaLoRA / IA3 adapter (an adapter checkpoint or a PEFT adapter "
         "directory) into its base model and write an ordinary checkpoint."),
     ("sample", None): Command("print continuations of a prompt", f"{_INFER}:SampleConfig", f"{_INFER}:run_sample",
@@ -384,21 +258,21 @@ COMMANDS: dict[tuple[str, str | None], Command] = {
         "layer{L}.png (one heatmap per head), overview.png (mean over heads), attention.html (self-contained "
         "viewer) and attention.json (tokens, top-k attended tokens per layer/head and overall)."),
     ("import", None): Command(
-        "a Hugging Face model or GGUF file -> lmforge checkpoint", "lmforge.cli:ImportConfig", "lmforge.cli:run_import",
+        "a Hugging Face model or GGUF file -> lmforge checkpoint", "lmforge.io.commands:ImportConfig", "lmforge.io.commands:run_import",
         description="Import a Hugging Face model (a local directory, or a hub id when online) or a GGUF file "
         "as an ordinary lmforge checkpoint: fine-tuning, sampling and serving work on it."),
     ("export", None): Command(
-        "an lmforge checkpoint -> Hugging Face directory or GGUF file", "lmforge.cli:ExportConfig",
-        "lmforge.cli:run_export",
+        "an lmforge checkpoint -> Hugging Face directory or GGUF file", "lmforge.io.commands:ExportConfig",
+        "lmforge.io.commands:run_export",
         description="Export a checkpoint for other tools: Hugging Face format (transformers, vLLM) or GGUF (llama.cpp)."),
     ("quantize", None): Command(
-        "a checkpoint -> weight-only int8 / int4 / bf16 checkpoint", "lmforge.cli:QuantizeConfig",
-        "lmforge.cli:run_quantize",
+        "a checkpoint -> weight-only int8 / int4 / bf16 checkpoint", "lmforge.checkpoint.commands:QuantizeConfig",
+        "lmforge.checkpoint.commands:run_quantize",
         description="Quantize the Linear weights of a checkpoint (int8 per channel, int4 per group, or bf16) "
         "into a new checkpoint that loads, samples and serves like any other."),
     ("prune", None): Command(
         "a checkpoint -> magnitude-sparse or structurally smaller checkpoint (+ recovery fine-tuning)",
-        "lmforge.cli:PruneConfig", "lmforge.cli:run_prune",
+        "lmforge.checkpoint.commands:PruneConfig", "lmforge.checkpoint.commands:run_prune",
         description="Prune a checkpoint: magnitude (zero the smallest weights of every Linear), mlp (remove MLP "
         "channels) or heads (remove attention heads / KV groups), the same count in every layer. With "
         "--recover-data, fine-tune the pruned model with the LM objective; OUT is then a run directory "

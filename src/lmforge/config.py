@@ -251,6 +251,10 @@ def load_config(cls: type[T], stage: str, recipe: str | None, overrides: list[st
 
 
 # ---- command options ----------------------------------------------------------------------
+#: The help of every command's checkpoint argument.
+CHECKPOINT_HELP = "a checkpoint directory, or a run directory (its newest checkpoint)"
+
+
 def option(default: Any = dataclasses.MISSING, help: str | None = None, *, flag: str | None = None,
            aliases: tuple[str, ...] = (), positional: bool = False, nargs: str | None = None,
            metavar: str | None = None, group: str | None = None, choices: tuple[Any, ...] | None = None) -> Any:

@@ -8,11 +8,13 @@ model/, which knows nothing of files.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
+from ..config import CHECKPOINT_HELP, option
 from ..errors import ConfigError, LmforgeError
 from ..fileio import atomic_write_json, refuse_existing, staged_dir
 from ..model.peft import merge_peft
@@ -230,3 +232,76 @@ def merge_adapter(adapter: str | Path, out: str | Path, *, base: str | Path | No
         if key in cfg_here or key in base_config:
             extra[key] = cfg_here.get(key, base_config.get(key))
     return save_checkpoint(Path(out), model, base_ckpt / "tokenizer.json", extra=extra, sidecars_from=base_ckpt)
+
+
+# ------------------------------------------------------------------------------ the commands' configs
+@dataclass(kw_only=True)
+class QuantizeConfig:
+    checkpoint: str = option(help=CHECKPOINT_HELP, positional=True)
+    out: str = option(help="checkpoint directory to write", positional=True)
+    method: Literal["int8", "int4", "bf16"] = option()
+    group_size: int = option(32, "int4 group size: 32, 64 or 128 (default 32)")
+    overwrite: bool = option(False, "replace an existing output directory")
+
+
+def run_quantize(cfg: QuantizeConfig) -> None:
+    path = quantize_checkpoint(cfg.checkpoint, cfg.out, cfg.method, cfg.group_size, overwrite=cfg.overwrite)
+    size = (path / "model.safetensors").stat().st_size
+    print(f"quantized {cfg.checkpoint} -> {path} ({cfg.method}, model.safetensors {size / 2**20:.1f} MiB)")
+
+
+@dataclass(kw_only=True)
+class PruneConfig:
+    checkpoint: str = option(help=CHECKPOINT_HELP, positional=True)
+    out: str = option(help="checkpoint (or, with recovery, run) directory to write", positional=True)
+    method: Literal["magnitude", "mlp", "heads"] = option()
+    ratio: float = option(help="share of weights / channels / heads removed, in (0, 1)")
+    scope: Literal["layer", "global"] = option(
+        "layer", "magnitude: one threshold per matrix or over all of them (default layer)")
+    importance: Literal["auto", "activation", "weight"] = option(
+        "auto", "mlp/heads: activation statistics on calibration data, or weight norms (default auto: activation "
+        "when calibration data is given)")
+    calib_data: str | None = option(None, "prepared shards for activation importance (default: --recover-data)")
+    calib_batches: int = option(16, "calibration batches of 8 windows (default 16)")
+    multiple_of: int = option(1, "mlp: round the kept channels to a multiple (default 1)")
+    include_embeddings: bool = option(False, "magnitude: prune the token embedding too")
+    recover_data: str | None = option(None, "prepared shards: fine-tune the pruned model on them (LM objective)")
+    recover_steps: int = option(200, "recovery optimizer steps (default 200)")
+    overwrite: bool = option(False, "replace an existing output directory")
+    overrides: list[str] = option([], "recovery run settings", positional=True, nargs="*", metavar="key=value")
+
+
+def run_prune(cfg: PruneConfig) -> None:
+    summary = prune_and_recover(
+        cfg.checkpoint, cfg.out, cfg.method, cfg.ratio,
+        recover_data=cfg.recover_data, recover_steps=cfg.recover_steps, recover_overrides=cfg.overrides,
+        calib_data=cfg.calib_data, calib_batches=cfg.calib_batches, importance=cfg.importance,
+        multiple_of=cfg.multiple_of, scope=cfg.scope, include_embeddings=cfg.include_embeddings,
+        overwrite=cfg.overwrite,
+    )
+    rep = summary["prune"]
+    if rep["method"] == "magnitude":
+        what = f"sparsity {rep['sparsity']:.1%} of {rep['targets']} matrices ({rep['sparsity_all']:.1%} of all weights)"
+    else:
+        shape = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in rep["shape"].items())
+        what = f"{shape}; params {rep['params'][0]:,} -> {rep['params'][1]:,} ({rep['importance']} importance)"
+    print(f"pruned {cfg.checkpoint} ({rep['method']} {rep['ratio']}): {what}")
+    rec = summary.get("recovery")
+    if rec:
+        before, after = (f"{v:.4f}" if v is not None else "n/a" for v in
+                         (rec["val_loss_after_prune"], rec["val_loss_after_recovery"]))
+        print(f"recovery: {rec['steps']} steps in {rec['wall_s']:.1f} s, val loss {before} after pruning -> {after}")
+    print(f"  checkpoint: {summary['checkpoint']}")
+
+
+@dataclass(kw_only=True)
+class MergeConfig:
+    adapter: str = option(help="adapter checkpoint, run directory, or PEFT adapter directory", positional=True)
+    out: str = option(help="checkpoint directory to write", positional=True)
+    base: str | None = option(None, "the base checkpoint (default: the one the adapter names)")
+    overwrite: bool = option(False, "replace an existing output directory")
+
+
+def run_merge(cfg: MergeConfig) -> None:
+    out = merge_adapter(cfg.adapter, cfg.out, base=cfg.base, overwrite=cfg.overwrite)
+    print(f"merged {cfg.adapter} -> {out}")

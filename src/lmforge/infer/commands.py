@@ -6,7 +6,6 @@ Torch-free at module level: the command line builds its parsers from these datac
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 from dataclasses import dataclass

@@ -11,14 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from ..config import option
+from ..config import CHECKPOINT_HELP, option
 
 
 @dataclass(kw_only=True)
 class EngineOptions:
     """The checkpoint and how it is loaded (every inference command)."""
 
-    checkpoint: str = option(help="a checkpoint directory, or a run directory (its newest checkpoint)", positional=True)
+    checkpoint: str = option(help=CHECKPOINT_HELP, positional=True)
     device: str = option("cpu", group="engine")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
         "auto", group="engine", help="compute dtype (auto: float32 on a CPU, bfloat16 for int8/int4 models where bf16 "

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from ..config import option
+from ..config import CHECKPOINT_HELP, option
 from ..errors import ConfigError, LmforgeError
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
@@ -24,7 +24,7 @@ class ServeCommandConfig:
     """``lmforge serve CKPT``: the server's flags (the ``ServeConfig`` of :mod:`lmforge.serve.app` is
     built from them, with the API keys loaded and the proxies checked)."""
 
-    checkpoint: str = option(help="a checkpoint directory, or a run directory (its newest checkpoint)", positional=True)
+    checkpoint: str = option(help=CHECKPOINT_HELP, positional=True)
     host: str = option("127.0.0.1", "address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     port: int = option(8000)
     model_name: str | None = option(None, "the base model's name in the API (default: the checkpoint folder's name)")
