@@ -74,7 +74,8 @@ def log_body(masker: BodyMasker | None, request_id: str, route: str, body: Any) 
         }})
 
 
-def log_completion(request_id: str, model: str, prompt_tokens: int, comps, completion_tokens: int | None = None) -> None:
+def log_completion(request_id: str, model: str, prompt_tokens: int, comps,
+                   completion_tokens: int | None = None) -> None:
     """One line for a finished request: tokens, finish reasons and times (``comps``: its completions,
     or None for a stream, which counts ``completion_tokens`` as it goes)."""
     if completion_tokens is None:

@@ -133,7 +133,8 @@ async def completions(req: CompletionRequest, request: Request):
     q, rids = submit(st, m, job.seqs, job.params)
     env = Envelope(f"cmpl-{rid}", "text_completion", int(time.time()), m.name)
     tt = st.token_text[m.name]
-    prompt_texts = [pr if isinstance(pr, str) else m.tokenizer.decode(ids) for pr, ids in zip(job.prompts, job.id_lists)]
+    prompt_texts = [pr if isinstance(pr, str) else m.tokenizer.decode(ids)
+                    for pr, ids in zip(job.prompts, job.id_lists)]
     prompt_total = sum(len(ids) for ids in job.id_lists)
     count = len(job.seqs)
 
