@@ -310,18 +310,20 @@ def adapters_disabled(model) -> Iterator[None]:
         yield
         return
     saved_virtual = model.virtual_tokens
-    prefixes = {i: layer.attn.__dict__.pop("prefix") for i, layer in enumerate(model.layers) if "prefix" in layer.attn.__dict__}
+    prefixes = {i: layer.attn.prefix for i, layer in enumerate(model.layers) if layer.attn.prefix is not None}
     soft = model._modules.pop("soft_prompt", None)
     flags = [(layer, layer.disabled) for layer in handle.layers if hasattr(layer, "disabled")]
     try:
         model.virtual_tokens = 0
+        for i in prefixes:
+            model.layers[i].attn.prefix = None
         for layer, _ in flags:
             layer.disabled = True
         yield
     finally:
         model.virtual_tokens = saved_virtual
         for i, fn in prefixes.items():
-            model.layers[i].attn.__dict__["prefix"] = fn
+            model.layers[i].attn.prefix = fn
         if soft is not None:
             model._modules["soft_prompt"] = soft
         for layer, was in flags:
