@@ -153,7 +153,7 @@ def _adapter_loader():
     return load_adapter
 
 
-def build_models(args: ServeCommandConfig):
+def build_models(cfg: ServeCommandConfig):
     """The served models: the base checkpoint's engine, then one engine per adapter."""
     import torch
 
@@ -161,18 +161,18 @@ def build_models(args: ServeCommandConfig):
     from ..hardware import inference_dtype
     from ..infer.engine import InferenceEngine, engine_for
     from ..model.quant import quantize_model
-    from .app import ServedModel
+    from .state import ServedModel
 
-    adapters = parse_adapters(args.adapter)
+    adapters = parse_adapters(cfg.adapter)
     load_adapter = _adapter_loader() if adapters else None
-    quantize = None if args.quantize == "none" else args.quantize
-    kv_bytes = None if args.kv_cache_gb is None else int(args.kv_cache_gb * 2**30)
-    base_name = args.model_name or Path(args.checkpoint).resolve().name
+    quantize = None if cfg.quantize == "none" else cfg.quantize
+    kv_bytes = None if cfg.kv_cache_gb is None else int(cfg.kv_cache_gb * 2**30)
+    base_name = cfg.model_name or Path(cfg.checkpoint).resolve().name
     if not _NAME.match(base_name):
         raise ConfigError(f"model name {base_name!r}: use letters, digits and . _ : / - (up to 128)")
     if any(n == base_name for n, _ in adapters):
         raise ConfigError(f"adapter name {base_name!r} is the base model's name")
-    inference_dtype(args.dtype, args.device)  # a bad value fails before the checkpoint loads
+    inference_dtype(cfg.dtype, cfg.device)  # a bad value fails before the checkpoint loads
 
     def adapt(model, path):
         # the adapter applied to a copy of the base sharing its unchanged tensors (merged
@@ -183,18 +183,18 @@ def build_models(args: ServeCommandConfig):
         return model
 
     # the base's weights are read once, whatever the number of adapters
-    base, adapter_models, ckpt = load_shared(args.checkpoint, [p for _, p in adapters], device=args.device,
+    base, adapter_models, ckpt = load_shared(cfg.checkpoint, [p for _, p in adapters], device=cfg.device,
                                              quantize=quantize, adapt=adapt)
-    engine = engine_for(base, ckpt, device=args.device, dtype=args.dtype, max_batch_size=args.max_batch_size,
-                        max_seq_len=args.max_seq_len, max_step_tokens=args.max_step_tokens, kv_cache_bytes=kv_bytes)
+    engine = engine_for(base, ckpt, device=cfg.device, dtype=cfg.dtype, max_batch_size=cfg.max_batch_size,
+                        max_seq_len=cfg.max_seq_len, max_step_tokens=cfg.max_step_tokens, kv_cache_bytes=kv_bytes)
     template = ckpt.chat_template()
     models = [ServedModel(base_name, engine, template, source=str(engine.checkpoint))]
     dtype = next(engine.model.parameters()).dtype
     for (name, path), model in zip(adapters, adapter_models):
         if dtype != torch.float32:  # the base engine's compute dtype
             model = model.to(dtype)
-        eng = InferenceEngine(model, engine.tokenizer, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
-                              max_step_tokens=args.max_step_tokens, kv_cache_bytes=kv_bytes)
+        eng = InferenceEngine(model, engine.tokenizer, max_batch_size=cfg.max_batch_size, max_seq_len=cfg.max_seq_len,
+                              max_step_tokens=cfg.max_step_tokens, kv_cache_bytes=kv_bytes)
         eng.checkpoint = engine.checkpoint
         models.append(ServedModel(name, eng, template, parent=base_name, source=str(path)))
     return models
@@ -208,7 +208,8 @@ def run_serve(cfg: ServeCommandConfig) -> None:
     except ImportError as e:
         raise LmforgeError(f"serving needs the 'serve' extra (pip install 'lmforge[serve]'): {e}") from None
     from ..hardware import use_threads
-    from .app import ServeConfig, create_app
+    from .app import create_app
+    from .state import ServeConfig
     from .auth import ApiKeys
     from .logs import setup_logging
     from .server import run_server
