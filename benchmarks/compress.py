@@ -100,7 +100,7 @@ def main() -> None:
     from lmforge.config import from_dict, load_config
     from lmforge.infer.engine import load_engine
     from lmforge.model.gpt import GPT, GPTConfig
-    from lmforge.checkpoint.commands import prune_and_recover, prune_checkpoint, quantize_checkpoint
+    from lmforge.commands.checkpoint import prune_and_recover, prune_checkpoint, quantize_checkpoint
     from lmforge.checkpoint import resolve_checkpoint
     from lmforge.train.pretrain import PretrainConfig, run_pretrain
 

@@ -247,7 +247,7 @@ def main() -> None:
             if base:
                 rows[name]["perplexity_change_pct"] = 100 * (rows[name]["perplexity"] / base - 1)
     if not args.no_rss:
-        from lmforge.checkpoint.commands import quantize_checkpoint
+        from lmforge.commands.checkpoint import quantize_checkpoint
 
         for name, (dtype, quant) in VARIANTS.items():
             # a deployment loads a saved checkpoint of its own dtype; quantizing at load

@@ -246,7 +246,7 @@ def prepare_data(root: Path) -> Path:
     sys.path.insert(0, str(ROOT / "src"))
     from lmforge.data import DataPrepareConfig, run_prepare
     from lmforge.paths import embedded_data_dir
-    from lmforge.tokenizer.commands import TokenizerTrainConfig, run_train
+    from lmforge.commands.tokenizer import TokenizerTrainConfig, run_train
 
     corpus = root / "corpus.txt"
     corpus.write_text((embedded_data_dir() / "tinyshakespeare.txt").read_text(encoding="utf-8")[:20_000])

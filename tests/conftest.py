@@ -26,7 +26,7 @@ from lmforge.hardware import Capabilities, GPUInfo  # noqa: E402
 from lmforge.data import DataPrepareConfig, run_prepare
 from lmforge.io.base_model import smollm2_gguf
 from lmforge.paths import embedded_data_dir
-from lmforge.tokenizer.commands import TokenizerTrainConfig, run_train
+from lmforge.commands.tokenizer import TokenizerTrainConfig, run_train
 
 SHAKESPEARE = embedded_data_dir() / "tinyshakespeare.txt"
 

@@ -8,7 +8,7 @@ import random
 import pytest
 
 from lmforge.cli import main
-from lmforge.data import commands as data_commands
+from lmforge.commands import data as data_commands
 from lmforge.data.augment import (
     AugmentConfig,
     Augmenter,

@@ -15,7 +15,7 @@ from lmforge.data import DataPrepareConfig, run_prepare
 from lmforge.errors import ConfigError, DataError
 from lmforge.model.gpt import GPT, GPTConfig
 from lmforge.tokenizer import Tokenizer
-from lmforge.tokenizer.commands import TokenizerTrainConfig, run_train
+from lmforge.commands.tokenizer import TokenizerTrainConfig, run_train
 from lmforge.train.continual import (
     ContinualConfig,
     EWCPenalty,

@@ -15,7 +15,7 @@ from lmforge.cli import main
 from lmforge.data.shards import load_meta, open_split
 from lmforge.errors import ConfigError, LmforgeError
 from lmforge.checkpoint import load_model, save_checkpoint
-from lmforge.checkpoint.commands import quantize_checkpoint
+from lmforge.commands.checkpoint import quantize_checkpoint
 from lmforge.model.gpt import GPT, GPTConfig
 from lmforge.model.quant import Int4Linear, Int8Linear, dequantize_model, quantize_model
 

@@ -408,7 +408,7 @@ def test_adapter_is_served_as_its_own_model(chat_ckpt, tmp_path):
     peft = pytest.importorskip("lmforge.model.peft")
     io = pytest.importorskip("lmforge.checkpoint.adapters")
     from lmforge.checkpoint import load_model
-    from lmforge.serve.commands import ServeCommandConfig, build_models
+    from lmforge.commands.serve import ServeCommandConfig, build_models
 
     model, _ = load_model(chat_ckpt)
     peft.apply_peft(model, peft.PeftConfig(method="lora", r=4, target_modules=["q_proj", "v_proj"]))

@@ -18,7 +18,7 @@ from lmforge.tokenizer import (
     build_char,
     train_bpe,
 )
-from lmforge.tokenizer.commands import TokenizerTrainConfig, run_train
+from lmforge.commands.tokenizer import TokenizerTrainConfig, run_train
 
 SHAKESPEARE = embedded_data_dir() / "tinyshakespeare.txt"
 

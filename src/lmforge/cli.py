@@ -23,7 +23,6 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .config import option
 from .errors import LmforgeError
 
 STAGES = """stages, in the order of a model's life:
@@ -89,72 +88,6 @@ def _recipes(stage: str) -> str:
     return ", ".join(names) or "none"
 
 
-# ---- small commands of the command line itself -----------------------------------------------
-@dataclass(kw_only=True)
-class PresetsConfig:
-    pass
-
-
-@dataclass(kw_only=True)
-class EnvConfig:
-    json: bool = option(False, "print one JSON object instead of text")
-    no_measure: bool = option(False, "skip the GEMM measurement (cached rates still show)")
-    refresh: bool = option(False, "measure again instead of using the cached rates")
-
-
-def run_presets(cfg: PresetsConfig) -> None:
-    import torch
-
-    from .config import from_dict
-    from .model.gpt import GPT, GPTConfig
-    from .model.presets import PRESETS
-
-    print(f"{'preset':<18}{'params':>10}  {'layers':>6} {'width':>6} {'heads':>6} {'kv':>4}  shape")
-    for name in PRESETS:
-        cfg = from_dict(GPTConfig, {"preset": name, **({} if "vocab_size" in PRESETS[name] else {"vocab_size": 65})})
-        with torch.device("meta"):
-            n = GPT(cfg).num_params()
-        shape = f"{cfg.pos_embedding}/{cfg.norm}/{cfg.mlp}{'/tied' if cfg.tie_embeddings else ''}"
-        print(f"{name:<18}{n / 1e6:>9.1f}M  {cfg.n_layer:>6} {cfg.n_embd:>6} {cfg.n_head:>6} {cfg.n_kv_head:>4}  {shape}")
-
-
-def run_env(cfg: EnvConfig) -> None:
-    import json
-
-    from . import hardware
-
-    caps = hardware.probe()
-    if cfg.refresh or not cfg.no_measure:
-        hardware.measured_rates(caps, refresh=cfg.refresh)
-    choices = hardware.describe_choices(caps)
-    if cfg.json:
-        print(json.dumps({"capabilities": caps.to_dict(), "choices": choices}, indent=2))
-        return
-    gib = lambda b: f"{b / 2**30:.1f} GiB" if b else "unknown"  # noqa: E731
-    quota = f"cgroup quota {caps.cgroup_cpus:g} CPUs" if caps.cgroup_cpus is not None else "no cgroup CPU quota"
-    limit = f"cgroup limit {gib(caps.memory_limit_bytes)}" if caps.memory_limit_bytes else "no cgroup memory limit"
-    gpus = "; ".join(f"{g.index}: {g.name}, compute capability {g.capability[0]}.{g.capability[1]}, "
-                     f"{gib(g.memory_bytes)}, bf16 {'yes' if g.bf16 else 'no'}" for g in caps.gpus)
-    lines = [
-        f"CPU      {caps.cpu_model} ({caps.arch})",
-        f"ISA      {' '.join(caps.isa) or 'none of AVX2/AVX512/AMX/NEON/SVE reported'}",
-        f"bf16     {'native' if caps.native_bf16 else 'not native (emulated by torch)'}",
-        f"torch    {caps.torch_version}, CPU kernels {caps.torch_capability}, CUDA {caps.torch_cuda or 'none'}",
-        f"env      {' '.join(f'{k}={v}' for k, v in sorted(caps.env.items())) or 'no kernel-limiting variables set'}",
-        f"cores    {caps.cores} usable ({caps.affinity_cores} in the affinity mask, {quota})",
-        f"memory   {gib(caps.memory_bytes)} ({limit})",
-        f"GPUs     {gpus or ('none' + (' (Apple MPS available)' if caps.mps else ''))}",
-        f"rates    {hardware.rates_line(caps)} on one thread"
-        + (" (measured once per machine, cached)" if caps.rates else " (--no-measure: none cached)"),
-        "",
-        "choices:",
-    ]
-    for row in choices:
-        lines.append(f"  {row['setting']}: {row['choice']}\n      {row['why']}")
-    print("\n".join(lines))
-
-
-
 # ---- the table ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Command:
@@ -179,9 +112,9 @@ def _data(action: str, module: str, config: str, run: str, help_: str) -> Comman
     return _stage(help_, f"data-{action}", f"lmforge.data.{module}:{config}", f"lmforge.data.{module}:{run}")
 
 
-_TRAIN = "lmforge.train.commands"
-_INFER = "lmforge.infer.commands"
-_EVAL = "lmforge.eval.commands"
+_TRAIN = "lmforge.commands.train"
+_INFER = "lmforge.commands.infer"
+_EVAL = "lmforge.commands.eval"
 
 #: (command, action) -> Command. Groups (tokenizer, data) have an action; the rest None.
 COMMANDS: dict[tuple[str, str | None], Command] = {
@@ -201,8 +134,8 @@ COMMANDS: dict[tuple[str, str | None], Command] = {
         raw=True,
     ),
     ("tokenizer", "train"): _stage("train a BPE or build a char tokenizer", "tokenizer",
-                                   "lmforge.tokenizer.commands:TokenizerTrainConfig",
-                                   "lmforge.tokenizer.commands:run_train"),
+                                   "lmforge.commands.tokenizer:TokenizerTrainConfig",
+                                   "lmforge.commands.tokenizer:run_train"),
     ("data", "prepare"): _stage("tokenize a corpus into train/val token shards", "data",
                                 "lmforge.data.prepare:DataPrepareConfig", "lmforge.data.prepare:run_prepare"),
     ("data", "reddit"): _data("reddit", "reddit", "RedditConfig", "run_reddit",
@@ -215,7 +148,7 @@ COMMANDS: dict[tuple[str, str | None], Command] = {
                            "mask emails, phones, URLs, IPs, cards, /u/ names with typed placeholders"),
     ("data", "augment"): _stage("token noise, paraphrases by a model, context truncation, system prompts (seeded)",
                                 "data-augment", "lmforge.data.augment:AugmentConfig",
-                                "lmforge.data.commands:run_augment_command", "lmforge.data.commands:AugmentFlags"),
+                                "lmforge.commands.data:run_augment_command", "lmforge.commands.data:AugmentFlags"),
     ("data", "reddit-dump"): _data("reddit-dump", "reddit_dump", "RedditDumpConfig", "build_reddit_dump",
                                    "human conversations (default: the embedded ones) -> a Pushshift-format month with "
                                    "deleted, bot, spam, duplicate and PII records planted"),
@@ -231,7 +164,7 @@ COMMANDS: dict[tuple[str, str | None], Command] = {
                                   "start, MLE)", "adversarial", "lmforge.train.adversarial:AdversarialRunConfig",
                                   f"{_TRAIN}:run_adversarial_command", f"{_TRAIN}:ResumeFlags"),
     ("merge", None): Command(
-        "fold an adapter into its base -> a plain checkpoint", "lmforge.checkpoint.commands:MergeConfig", "lmforge.checkpoint.commands:run_merge",
+        "fold an adapter into its base -> a plain checkpoint", "lmforge.commands.checkpoint:MergeConfig", "lmforge.commands.checkpoint:run_merge",
         description="Merge a LoRA / DoRA / AdaLoRA / IA3 adapter (an adapter checkpoint or a PEFT adapter "
         "directory) into its base model and write an ordinary checkpoint."),
     ("sample", None): Command("print continuations of a prompt", f"{_INFER}:SampleConfig", f"{_INFER}:run_sample",
@@ -258,21 +191,21 @@ COMMANDS: dict[tuple[str, str | None], Command] = {
         "layer{L}.png (one heatmap per head), overview.png (mean over heads), attention.html (self-contained "
         "viewer) and attention.json (tokens, top-k attended tokens per layer/head and overall)."),
     ("import", None): Command(
-        "a Hugging Face model or GGUF file -> lmforge checkpoint", "lmforge.io.commands:ImportConfig", "lmforge.io.commands:run_import",
+        "a Hugging Face model or GGUF file -> lmforge checkpoint", "lmforge.commands.io:ImportConfig", "lmforge.commands.io:run_import",
         description="Import a Hugging Face model (a local directory, or a hub id when online) or a GGUF file "
         "as an ordinary lmforge checkpoint: fine-tuning, sampling and serving work on it."),
     ("export", None): Command(
-        "an lmforge checkpoint -> Hugging Face directory or GGUF file", "lmforge.io.commands:ExportConfig",
-        "lmforge.io.commands:run_export",
+        "an lmforge checkpoint -> Hugging Face directory or GGUF file", "lmforge.commands.io:ExportConfig",
+        "lmforge.commands.io:run_export",
         description="Export a checkpoint for other tools: Hugging Face format (transformers, vLLM) or GGUF (llama.cpp)."),
     ("quantize", None): Command(
-        "a checkpoint -> weight-only int8 / int4 / bf16 checkpoint", "lmforge.checkpoint.commands:QuantizeConfig",
-        "lmforge.checkpoint.commands:run_quantize",
+        "a checkpoint -> weight-only int8 / int4 / bf16 checkpoint", "lmforge.commands.checkpoint:QuantizeConfig",
+        "lmforge.commands.checkpoint:run_quantize",
         description="Quantize the Linear weights of a checkpoint (int8 per channel, int4 per group, or bf16) "
         "into a new checkpoint that loads, samples and serves like any other."),
     ("prune", None): Command(
         "a checkpoint -> magnitude-sparse or structurally smaller checkpoint (+ recovery fine-tuning)",
-        "lmforge.checkpoint.commands:PruneConfig", "lmforge.checkpoint.commands:run_prune",
+        "lmforge.commands.checkpoint:PruneConfig", "lmforge.commands.checkpoint:run_prune",
         description="Prune a checkpoint: magnitude (zero the smallest weights of every Linear), mlp (remove MLP "
         "channels) or heads (remove attention heads / KV groups), the same count in every layer. With "
         "--recover-data, fine-tune the pruned model with the LM objective; OUT is then a run directory "
@@ -280,16 +213,16 @@ COMMANDS: dict[tuple[str, str | None], Command] = {
         epilog="key=value overrides refine the recovery run's pretrain settings, e.g. train.lr=5e-4 "
         "train.micro_batch_size=24 train.precision=bf16"),
     ("serve", None): Command(
-        "OpenAI-compatible HTTP server with a web chat page", "lmforge.serve.commands:ServeCommandConfig",
-        "lmforge.serve.commands:run_serve",
+        "OpenAI-compatible HTTP server with a web chat page", "lmforge.commands.serve:ServeCommandConfig",
+        "lmforge.commands.serve:run_serve",
         description="Serve a checkpoint (and LoRA adapters) over an OpenAI-compatible API: "
         "/v1/chat/completions, /v1/completions, /v1/models, /tokenize, /health, /metrics, and a chat page at /. "
         "API keys come from --api-key, --api-key-file and/or the LMFORGE_API_KEYS environment variable "
         "(comma-separated); with none, the API is open."),
-    ("presets", None): Command("list the named model shapes", "lmforge.cli:PresetsConfig", "lmforge.cli:run_presets"),
+    ("presets", None): Command("list the named model shapes", "lmforge.commands.presets:PresetsConfig", "lmforge.commands.presets:run_presets"),
     ("env", None): Command(
-        "this machine and the precision / kernels / threads chosen for it", "lmforge.cli:EnvConfig",
-        "lmforge.cli:run_env",
+        "this machine and the precision / kernels / threads chosen for it", "lmforge.commands.env:EnvConfig",
+        "lmforge.commands.env:run_env",
         description="Probe this machine (CPU model and ISA, torch's kernel level, usable cores, memory, GPUs), "
         "measure GEMM rates (fp32, bf16, int8/int4 weight-only kernels; cached per machine under "
         "$LMFORGE_CACHE or ~/.cache/lmforge) and print the choices lmforge makes from them, with the reason."),

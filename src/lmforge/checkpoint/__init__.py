@@ -5,8 +5,7 @@
 - :mod:`.weights`: save a model (or its adapter) atomically, load a checkpoint's model;
 - :mod:`.adapters`: adapter directories (PEFT's file format where one exists);
 - :mod:`.bundle`: :class:`Checkpoint`, one opened checkpoint (config, model, tokenizer, chat
-  template, base of an adapter), and :func:`load_shared` (a base + adapters, weights read once);
-- :mod:`.commands`: ``lmforge quantize / prune / merge`` (imported on its own: it is a command).
+  template, base of an adapter), and :func:`load_shared` (a base + adapters, weights read once).
 
 Training state (optimizer, RNG, FSDP shards) is :mod:`lmforge.train.state`.
 """

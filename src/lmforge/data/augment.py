@@ -9,7 +9,7 @@ with its probability:
   neighbour (``swap_prob``) or replaced by ``mask_token`` (``mask_prob``); lines are kept;
 - **paraphrase** of the texts of ``paraphrase_roles`` by a language model: a callable
   ``complete(prompts) -> completions``; on the command line ``paraphrase_model=CKPT`` (or
-  ``--paraphrase-model``) builds it from an lmforge checkpoint (:func:`lmforge.data.commands.engine_paraphraser`);
+  ``--paraphrase-model``) builds it from an lmforge checkpoint (:func:`lmforge.commands.data.engine_paraphraser`);
 - **context truncation** (``truncate_prob``): a conversation loses a random number of leading
   user/assistant exchanges (at least one exchange stays);
 - **system prompt** (``system_prob``): one of ``system_prompts`` opens the conversation (when
@@ -216,11 +216,11 @@ class Augmenter:
 
 def run_augment(cfg: AugmentConfig, verbose: bool = True, complete: Complete | None = None) -> dict[str, Any]:
     """Augment ``cfg.inputs`` into ``cfg.out``. ``complete`` paraphrases (``lmforge data augment``
-    builds it from ``cfg.paraphrase_model`` through the inference engine: :mod:`lmforge.data.commands`)."""
+    builds it from ``cfg.paraphrase_model`` through the inference engine: :mod:`lmforge.commands.data`)."""
     cfg.validate()
     if complete is None and cfg.paraphrase_model:
         raise ConfigError(f"paraphrase_model={cfg.paraphrase_model}: the data library takes a `complete` callable; "
-                          "run the stage as `lmforge data augment` (lmforge.data.commands.run_augment_command)")
+                          "run the stage as `lmforge data augment` (lmforge.commands.data.run_augment_command)")
     aug = Augmenter(cfg, complete)
     batch_records = max(1, cfg.paraphrase_batch // max(1, cfg.copies)) if complete is not None else 256
 

@@ -172,7 +172,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     result = {**card, "chat": sft["checkpoint"], "seconds": dict(clock.times), "total_seconds": clock.elapsed()}
     if not cfg.no_serve:
         clock.stage(f"serve: http://{cfg.host}:{cfg.port}/ (web chat page; OpenAI API at /v1; Ctrl-C stops)")
-        from ..serve.commands import ServeCommandConfig, run_serve
+        from ..commands.serve import ServeCommandConfig, run_serve
 
         run_serve(ServeCommandConfig(checkpoint=str(out / "chat"), host=cfg.host, port=cfg.port,
                                      model_name="quickstart-chat"))

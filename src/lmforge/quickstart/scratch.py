@@ -107,7 +107,7 @@ def pretrain_scratch(out: Path, conversations: Path, cfg: QuickstartConfig, cloc
     from ..config import load_config, to_dict
     from ..data.prepare import DataPrepareConfig, run_prepare
     from .plan import scratch_pretrain_seconds
-    from ..tokenizer.commands import TokenizerTrainConfig, run_train
+    from ..commands.tokenizer import TokenizerTrainConfig, run_train
     from ..train.pretrain import PretrainConfig, run_pretrain
 
     corpus, n = build_corpus(out / "corpus" / "corpus.jsonl", conversations)

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any, Iterator, Literal
 
 from ..data.sources import SourceConfig, no_documents_error
-from .base import DEFAULT_SPECIAL_TOKENS, TOKENIZER_FILE, Tokenizer, normalize_special_tokens
-from .bpe import check_bpe_settings, train_bpe
-from .char import build_char
+from ..tokenizer.base import DEFAULT_SPECIAL_TOKENS, TOKENIZER_FILE, Tokenizer, normalize_special_tokens
+from ..tokenizer.bpe import check_bpe_settings, train_bpe
+from ..tokenizer.char import build_char
 
 
 @dataclass

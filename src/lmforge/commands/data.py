@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from ..config import option
 
 if TYPE_CHECKING:
-    from .augment import AugmentConfig, Complete
+    from ..data.augment import AugmentConfig, Complete
 
 
 @dataclass(kw_only=True)
@@ -44,7 +44,7 @@ def engine_paraphraser(checkpoint: str, max_new_tokens: int = 128, temperature: 
 def run_augment_command(cfg: AugmentConfig, flags: AugmentFlags) -> Any:
     """``--paraphrase-model CKPT`` is the ``paraphrase_model=CKPT`` setting (and wins over it); the
     paraphrases come from that checkpoint through the inference engine."""
-    from .augment import run_augment
+    from ..data.augment import run_augment
 
     if flags.paraphrase_model:
         cfg = dataclasses.replace(cfg, paraphrase_model=flags.paraphrase_model)

@@ -20,9 +20,9 @@ from ..fileio import atomic_write_json, refuse_existing, staged_dir
 from ..model.peft import merge_peft
 from ..model.prune import check_settings, prune_model
 from ..model.quant import quant_spec, quantize_model, read_spec
-from .adapters import is_adapter_dir, load_adapter, read_adapter_meta
-from .files import copy_sidecars, read_config, resolve_checkpoint
-from .weights import load_model, save_checkpoint
+from ..checkpoint.adapters import is_adapter_dir, load_adapter, read_adapter_meta
+from ..checkpoint.files import copy_sidecars, read_config, resolve_checkpoint
+from ..checkpoint.weights import load_model, save_checkpoint
 
 
 # ------------------------------------------------------------------------------ quantize

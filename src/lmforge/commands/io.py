@@ -19,11 +19,11 @@ class ImportConfig:
 
 def run_import(cfg: ImportConfig) -> None:
     if cfg.source.lower().endswith(".gguf"):
-        from .gguf import import_gguf
+        from ..io.gguf import import_gguf
 
         path = import_gguf(cfg.source, cfg.out, overwrite=cfg.overwrite)
     else:
-        from .hf import import_hf
+        from ..io.hf import import_hf
 
         path = import_hf(cfg.source, cfg.out, overwrite=cfg.overwrite)
     print(f"imported {cfg.source} -> {path}")
@@ -43,11 +43,11 @@ def run_export(cfg: ExportConfig) -> None:
 
     ckpt = resolve_checkpoint(cfg.checkpoint)
     if cfg.format == "hf":
-        from .hf import export_hf
+        from ..io.hf import export_hf
 
         path = export_hf(ckpt, cfg.out, overwrite=cfg.overwrite)
     else:
-        from .gguf import export_gguf
+        from ..io.gguf import export_gguf
 
         path = export_gguf(ckpt, cfg.out, dtype=cfg.dtype, overwrite=cfg.overwrite)
     print(f"exported {ckpt} -> {path}")

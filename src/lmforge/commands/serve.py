@@ -161,7 +161,7 @@ def build_models(cfg: ServeCommandConfig):
     from ..hardware import inference_dtype
     from ..infer.engine import InferenceEngine, engine_for
     from ..model.quant import quantize_model
-    from .state import ServedModel
+    from ..serve.state import ServedModel
 
     adapters = parse_adapters(cfg.adapter)
     load_adapter = _adapter_loader() if adapters else None
@@ -208,11 +208,11 @@ def run_serve(cfg: ServeCommandConfig) -> None:
     except ImportError as e:
         raise LmforgeError(f"serving needs the 'serve' extra (pip install 'lmforge[serve]'): {e}") from None
     from ..hardware import use_threads
-    from .app import create_app
-    from .state import ServeConfig
-    from .auth import ApiKeys
-    from .logs import setup_logging
-    from .server import run_server
+    from ..serve.app import create_app
+    from ..serve.state import ServeConfig
+    from ..serve.auth import ApiKeys
+    from ..serve.logs import setup_logging
+    from ..serve.server import run_server
 
     # ServeConfig's fields are the flags of the same names, but for these
     renamed = {"max_tokens_cap": "max_tokens", "max_concurrent": "limit_concurrency"}

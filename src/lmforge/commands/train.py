@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, Any
 from ..config import option
 
 if TYPE_CHECKING:
-    from .adversarial import AdversarialRunConfig
-    from .finetune import FinetuneConfig
-    from .pretrain import PretrainConfig
+    from ..train.adversarial import AdversarialRunConfig
+    from ..train.finetune import FinetuneConfig
+    from ..train.pretrain import PretrainConfig
 
 
 @dataclass(kw_only=True)
@@ -52,13 +52,13 @@ def _report_fit(result: Any, out_dir: str) -> None:
 
 
 def run_pretrain_command(cfg: PretrainConfig, flags: ResumeFlags) -> None:
-    from .pretrain import run_pretrain
+    from ..train.pretrain import run_pretrain
 
     _report_fit(run_pretrain(cfg, resume=flags.resume), cfg.out_dir)
 
 
 def run_finetune_command(cfg: FinetuneConfig, flags: FinetuneFlags) -> None:
-    from .finetune import preview_finetune, run_finetune
+    from ..train.finetune import preview_finetune, run_finetune
 
     if flags.preview is not None:
         print(preview_finetune(cfg, flags.preview, color=sys.stdout.isatty()))
@@ -71,7 +71,7 @@ def run_finetune_command(cfg: FinetuneConfig, flags: FinetuneFlags) -> None:
 
 
 def run_adversarial_command(cfg: AdversarialRunConfig, flags: ResumeFlags) -> None:
-    from .adversarial import run_adversarial
+    from ..train.adversarial import run_adversarial
 
     summary = run_adversarial(cfg, resume=flags.resume)
     print(f"  checkpoint: {summary['checkpoint']}\n  samples: {summary.get('samples')}\n  curves: {summary.get('curves')}")

@@ -12,7 +12,7 @@ from typing import Literal
 
 from ..config import option
 from ..errors import ConfigError
-from ..infer.options import EngineOptions
+from .options import EngineOptions
 
 
 def parse_shots(text: str) -> list[int]:
@@ -57,7 +57,7 @@ class EvalConfig:
 
 def run_eval_command(cfg: EvalConfig) -> None:
     from ..data.tasks import list_tasks, load_task
-    from .run import EvalOptions, _slug, run_eval
+    from ..eval.run import EvalOptions, _slug, run_eval
 
     if cfg.list_tasks:
         for name in list_tasks():
@@ -89,7 +89,7 @@ class AttentionConfig(EngineOptions):
 
 def run_attention_command(cfg: AttentionConfig) -> None:
     from ..hardware import use_threads
-    from .attention import run_attention
+    from ..eval.attention import run_attention
 
     use_threads(cfg.threads)
     run_attention(

@@ -17,7 +17,7 @@ from ..errors import ConfigError, DataError, LmforgeError
 from .options import EngineOptions, SamplingOptions
 
 if TYPE_CHECKING:
-    from .sampling import SamplingParams
+    from ..infer.sampling import SamplingParams
 
 
 @dataclass(kw_only=True)
@@ -68,7 +68,7 @@ class ChatConfig(SamplingOptions, EngineOptions):
 def sampling_from(cfg: SamplingOptions, tokenizer, logprobs: int | None = None) -> SamplingParams:
     """The CLI's flags -> SamplingParams through the builder the server uses too; only what is
     the CLI's own stays here (``--greedy``, ``--stop-token`` given as text or id)."""
-    from .sampling import build_sampling_params
+    from ..infer.sampling import build_sampling_params
 
     stop_ids = []
     for t in cfg.stop_token:
@@ -96,7 +96,7 @@ def sampling_from(cfg: SamplingOptions, tokenizer, logprobs: int | None = None) 
 
 def engine_from(cfg: EngineOptions, batch: int = 1, overflow: str = "error"):
     from ..hardware import use_threads
-    from .engine import load_engine
+    from ..infer.engine import load_engine
 
     use_threads(cfg.threads)
     return load_engine(
@@ -152,7 +152,7 @@ def run_generate(cfg: GenerateConfig) -> None:
     template = None
     if cfg.chat or any(isinstance(p, list) for p in prompts):
         template = ChatTemplate.from_checkpoint(engine.checkpoint)
-        from .chat import end_of_turn_ids
+        from ..infer.chat import end_of_turn_ids
 
         params.stop_token_ids = sorted(set(params.stop_token_ids) | set(end_of_turn_ids(engine.tokenizer)))
     texts = []
@@ -163,7 +163,7 @@ def run_generate(cfg: GenerateConfig) -> None:
             texts.append(template.render([{"role": "user", "content": p}], add_generation_prompt=True))
         else:
             texts.append(p)
-    from .sampling import seeded
+    from ..infer.sampling import seeded
 
     plist = seeded(params, len(texts))
     out = open(cfg.out, "w", encoding="utf-8") if cfg.out else sys.stdout
@@ -193,7 +193,7 @@ def run_generate(cfg: GenerateConfig) -> None:
 # ---- lmforge chat -------------------------------------------------------------------
 def run_chat(cfg: ChatConfig) -> None:
     from ..tokenizer.chat import ChatTemplate
-    from .chat import ChatSession, repl
+    from ..infer.chat import ChatSession, repl
 
     engine = engine_from(cfg)
     params = sampling_from(cfg, engine.tokenizer)
@@ -207,7 +207,7 @@ def print_samples(engine, prompt: str, n: int, params: SamplingParams) -> list[s
     tok = engine.tokenizer
     if tok.unk_id is not None and tok.unk_id in tok.encode(prompt):
         raise LmforgeError("the prompt holds characters the tokenizer does not know")
-    from .sampling import seeded
+    from ..infer.sampling import seeded
 
     plist = seeded(params, n)
     texts = []
