@@ -17,7 +17,6 @@ files, which :mod:`lmforge.train.state` writes and reads.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LmforgeError
+from ..fileio import read_json_object
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 WEIGHTS = "model.safetensors"
@@ -72,15 +72,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def read_config(ckpt: Path) -> dict[str, Any]:
-    try:
-        cfg = json.loads((ckpt / "config.json").read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise LmforgeError(f"{ckpt} has no config.json") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LmforgeError(f"{ckpt}/config.json is not valid JSON: {e}") from None
-    except RecursionError:
-        raise LmforgeError(f"{ckpt}/config.json is nested too deeply to be a config") from None
-    if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict):
+    cfg = read_json_object(ckpt / "config.json", "an lmforge checkpoint's config")
+    if not isinstance(cfg.get("model"), dict):
         raise LmforgeError(f"{ckpt}/config.json is not an lmforge config (no 'model' section)")
     return cfg
 

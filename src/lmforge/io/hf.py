@@ -38,7 +38,7 @@ from .. import __version__
 from ..checkpoint import SIDECAR_FILES, copy_sidecars, load_model, read_config, resolve_checkpoint
 from ..config import from_dict, to_dict
 from ..errors import LmforgeError
-from ..fileio import atomic_write_json, save_safetensors, staged_dir
+from ..fileio import atomic_write_json, read_json_object, save_safetensors, staged_dir
 from ..model.gpt import GPTConfig, check_finite, check_state_dict
 from ..model.hf_arch import hf_architecture
 from ..tokenizer.base import token_name
@@ -57,21 +57,6 @@ HUB_PATTERNS = [
 
 # Defaults of the transformers config classes for keys a config.json may omit.
 _TIE_DEFAULT = {"GPT2LMHeadModel": True}
-
-
-# ----------------------------------------------------------------------------- helpers
-def _read_json(path: Path, what: str) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise LmforgeError(f"{path.parent} has no {path.name} ({what})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LmforgeError(f"{path} is not valid JSON: {e}") from None
-    except RecursionError:
-        raise LmforgeError(f"{path} is nested too deeply to be a configuration") from None
-    if not isinstance(data, dict):
-        raise LmforgeError(f"{path} is not a JSON object")
-    return data
 
 
 # ------------------------------------------------------------------------------ import
@@ -98,7 +83,7 @@ def _resolve_source(src: str | Path) -> Path:
 def _load_hf_weights(src: Path) -> dict[str, torch.Tensor]:
     index = src / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = _read_json(index, "shard index").get("weight_map")
+        weight_map = read_json_object(index, "shard index").get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise LmforgeError(f"{index} has no weight_map")
         files = sorted(set(weight_map.values()))
@@ -311,7 +296,7 @@ def _special_tokens(src: Path, hf_cfg: dict[str, Any]) -> dict[str, Any]:
     """bos/eos/pad names and ids from tokenizer_config.json, falling back to config.json ids."""
     tok_cfg = {}
     if (src / "tokenizer_config.json").is_file():
-        tok_cfg = _read_json(src / "tokenizer_config.json", "tokenizer settings")
+        tok_cfg = read_json_object(src / "tokenizer_config.json", "tokenizer settings")
     vocab: dict[str, int] = {}
     try:
         spec = json.loads((src / "tokenizer.json").read_text(encoding="utf-8"))
@@ -345,7 +330,7 @@ def import_hf(src: str | Path, out: str | Path, *, overwrite: bool = False) -> P
     special_tokens_map.json when the source has them. Returns ``out``.
     """
     src_dir = _resolve_source(src)
-    hf_cfg = _read_json(src_dir / "config.json", "the model configuration")
+    hf_cfg = read_json_object(src_dir / "config.json", "the model configuration")
     try:
         arch, cfg, biases = _config_from_hf(hf_cfg, str(src_dir / "config.json"))
     except (TypeError, ValueError) as e:  # a value of the wrong kind (a list where a number belongs...)
