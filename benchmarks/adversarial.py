@@ -34,7 +34,7 @@ def build_base(work: Path, pretrain_steps: int, sft_steps: int, n_layer: int = 4
     is deterministic, so every build has the same tokenizer (the run checks it)."""
     from lmforge.config import load_config
     from lmforge.data import DataPrepareConfig, run_prepare
-    from lmforge.tokenizer import TokenizerTrainConfig, run_train
+    from lmforge.commands.tokenizer import TokenizerTrainConfig, run_train
     from lmforge.tokenizer.chat import ChatTemplate
     from lmforge.train.finetune import FinetuneConfig, run_finetune
     from lmforge.train.pretrain import PretrainConfig, run_pretrain

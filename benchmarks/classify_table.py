@@ -37,7 +37,7 @@ def main() -> None:
     from lmforge.eval.prompting import evaluate_task_by_prompting
     from lmforge.tokenizer import Tokenizer
     from lmforge.tokenizer.chat import ChatTemplate
-    from lmforge.train.checkpoint import load_model, resolve_checkpoint
+    from lmforge.checkpoint import load_model, resolve_checkpoint
     from lmforge.train.finetune import FinetuneConfig, run_finetune
 
     base = resolve_checkpoint(a.base)

@@ -48,7 +48,7 @@ DEFAULT_OUT = ROOT / "benchmarks" / "results" / "compress.json"
 
 
 def evaluate(ckpt: Path, data: str, eval_tokens: int) -> dict[str, float]:
-    from lmforge.train.checkpoint import load_model
+    from lmforge.checkpoint import load_model
     from lmforge.train.objectives.base import RunContext
     from lmforge.train.objectives.lm import LMObjective
 
@@ -100,9 +100,8 @@ def main() -> None:
     from lmforge.config import from_dict, load_config
     from lmforge.infer.engine import load_engine
     from lmforge.model.gpt import GPT, GPTConfig
-    from lmforge.model.prune import prune_and_recover, prune_checkpoint
-    from lmforge.model.quant import quantize_checkpoint
-    from lmforge.train.checkpoint import resolve_checkpoint
+    from lmforge.commands.checkpoint import prune_and_recover, prune_checkpoint, quantize_checkpoint
+    from lmforge.checkpoint import resolve_checkpoint
     from lmforge.train.pretrain import PretrainConfig, run_pretrain
 
     torch.set_num_threads(args.threads)

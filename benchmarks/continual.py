@@ -56,7 +56,7 @@ def main() -> None:
     from lmforge.config import load_config
     from lmforge.data import DataPrepareConfig, run_prepare
     from lmforge.paths import embedded_data_dir
-    from lmforge.tokenizer import TokenizerTrainConfig, run_train
+    from lmforge.commands.tokenizer import TokenizerTrainConfig, run_train
     from lmforge.train.pretrain import PretrainConfig, run_pretrain
 
     work = Path(args.work)

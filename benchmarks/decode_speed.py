@@ -181,7 +181,7 @@ def main() -> None:
     from lmforge.io import export_hf
     from lmforge.io.gguf import import_gguf
     from lmforge.tokenizer import Tokenizer
-    from lmforge.train.checkpoint import load_model
+    from lmforge.checkpoint import load_model
 
     gguf_file = smollm2_gguf()
     tmp = Path(tempfile.mkdtemp(prefix="lmforge-decode-"))
@@ -247,7 +247,7 @@ def main() -> None:
             if base:
                 rows[name]["perplexity_change_pct"] = 100 * (rows[name]["perplexity"] / base - 1)
     if not args.no_rss:
-        from lmforge.model.quant import quantize_checkpoint
+        from lmforge.commands.checkpoint import quantize_checkpoint
 
         for name, (dtype, quant) in VARIANTS.items():
             # a deployment loads a saved checkpoint of its own dtype; quantizing at load

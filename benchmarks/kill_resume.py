@@ -58,7 +58,9 @@ def _die() -> None:
 def install_kill(point: str, at: int) -> None:
     import shutil
 
-    from lmforge.train import checkpoint, engine, tracking
+    from lmforge.checkpoint import weights
+    from lmforge.runs import tracking
+    from lmforge.train import engine, state
 
     saves = {"n": 0}
     real_save = engine.Engine.save
@@ -72,7 +74,9 @@ def install_kill(point: str, at: int) -> None:
 
     engine.Engine.save = counting_save
     if point in ("save-model", "save-optimizer"):
-        real_file = checkpoint.save_safetensors
+        # model.safetensors is written by lmforge.checkpoint.weights, optimizer.safetensors by lmforge.train.state
+        writer = weights if point == "save-model" else state
+        real_file = writer.save_safetensors
         wanted = "model.safetensors" if point == "save-model" else "optimizer.safetensors"
 
         def save_file(tensors, filename, *a, **k):
@@ -81,9 +85,9 @@ def install_kill(point: str, at: int) -> None:
                 _die()
             return out
 
-        checkpoint.save_safetensors = save_file
+        writer.save_safetensors = save_file
     elif point == "save-state":
-        real_json = checkpoint.atomic_write_json
+        real_json = state.atomic_write_json  # trainer_state.json is lmforge.train.state's
 
         def write_json(path, obj):
             if saves["n"] == at and str(path).endswith("trainer_state.json"):
@@ -91,7 +95,7 @@ def install_kill(point: str, at: int) -> None:
                 _die()
             return real_json(path, obj)
 
-        checkpoint.atomic_write_json = write_json
+        state.atomic_write_json = write_json
     elif point == "save-rename":
         real_replace = os.replace
 
@@ -242,7 +246,7 @@ def prepare_data(root: Path) -> Path:
     sys.path.insert(0, str(ROOT / "src"))
     from lmforge.data import DataPrepareConfig, run_prepare
     from lmforge.paths import embedded_data_dir
-    from lmforge.tokenizer import TokenizerTrainConfig, run_train
+    from lmforge.commands.tokenizer import TokenizerTrainConfig, run_train
 
     corpus = root / "corpus.txt"
     corpus.write_text((embedded_data_dir() / "tinyshakespeare.txt").read_text(encoding="utf-8")[:20_000])

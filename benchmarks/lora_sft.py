@@ -29,10 +29,10 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 def batches(base: str, n: int, batch: int, max_length: int):
     """The same token batches for both sides: (ids rows, label rows), unshifted."""
+    from lmforge.data.encoding import tokenize_example
     from lmforge.data.examples import load_examples
     from lmforge.tokenizer import Tokenizer
     from lmforge.tokenizer.chat import ChatTemplate
-    from lmforge.train.objectives.sft import tokenize_example
 
     tok = Tokenizer.from_file(Path(base) / "tokenizer.json")
     template = ChatTemplate.from_checkpoint(base)
@@ -65,7 +65,7 @@ def worker(side: str, base: str, hf_dir: str, steps: int, warmup: int, batch: in
     data, pad = batches(base, steps + warmup, batch, max_length)
     if side == "lmforge":
         from lmforge.model.peft import PeftConfig, apply_peft, store_frozen_in
-        from lmforge.train.checkpoint import load_model
+        from lmforge.checkpoint import load_model
 
         model, _ = load_model(base)
         apply_peft(model, PeftConfig(method="lora", r=r, alpha=2 * r, dropout=0.05, target_modules=TARGETS))

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     from lmforge.eval.perplexity import text_perplexity
     from lmforge.io.hf import export_hf
     from lmforge.tokenizer import Tokenizer
-    from lmforge.train.checkpoint import load_model
+    from lmforge.checkpoint import load_model
 
     text = Path(a.text).read_text(encoding="utf-8")
     text = text[int(len(text) * a.span[0]) : int(len(text) * a.span[1])]

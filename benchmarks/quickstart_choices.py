@@ -20,7 +20,6 @@ import argparse
 import json
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 from record import machine  # noqa: E402  (benchmarks/record.py: the machine with every result)
 
@@ -38,13 +37,12 @@ def prepare(work: Path) -> dict:
     """Data, held-out task, base and the base's evaluation, once."""
     from lmforge.eval.run import EvalOptions, run_eval
     from lmforge.io.base_model import resolve_base
-    from lmforge.quickstart import build_data, heldout_task
+    from lmforge.quickstart import QuickstartConfig, build_data, heldout_task
 
     done = work / "prepared.json"
     if done.is_file():
         return json.loads(done.read_text())
-    args = SimpleNamespace(data=[], heldout=20)
-    data, heldout, sft_val, _ = build_data(work, args, verbose=False)
+    data, heldout, sft_val, _ = build_data(work, QuickstartConfig(heldout=20), verbose=False)
     task = heldout_task(heldout)
     base, _ = resolve_base("smollm2", work / "base")
     before = run_eval([str(base)], [str(task)], EvalOptions(batch_size=20), work / "eval-before")

@@ -224,7 +224,7 @@ def tiny_checkpoint(root: Path) -> Path:
 
     from lmforge.model.gpt import GPT, GPTConfig
     from lmforge.tokenizer import build_char
-    from lmforge.train.checkpoint import save_checkpoint
+    from lmforge.checkpoint import save_checkpoint
 
     tok = build_char(["abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ.,:;!?'\n"]).save(root / "tok")
     vocab = json.loads(tok.read_text())["model"]["vocab"]

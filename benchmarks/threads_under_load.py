@@ -31,9 +31,10 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKER = r"""
 import json, sys, time, torch
 from lmforge.model.gpt import GPT, GPTConfig
+from lmforge.runs.tracking import LogConfig
 from lmforge.train.engine import Engine, TrainConfig
+from lmforge.train.hooks import EngineHook
 from lmforge.train.objectives.base import Objective
-from lmforge.train.tracking import LogConfig
 
 steps, threads = int(sys.argv[1]), int(sys.argv[2])
 
@@ -53,7 +54,7 @@ model = GPT(GPTConfig(vocab_size=65, context_length=64, n_layer=4, n_head=4, n_e
 cfg = TrainConfig(max_steps=steps, micro_batch_size=12, precision="fp32", threads=threads, eval_interval=0,
                   warmup_steps=0, log_interval=10 ** 9, device="cpu")
 times = []
-class Timer:
+class Timer(EngineHook):
     t = None
     def after_step(self, step):
         now = time.perf_counter()

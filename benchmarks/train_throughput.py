@@ -186,9 +186,9 @@ class LmforgeRunner(Runner):
     def __init__(self, case: Case, precision: str, pool, threads: int):
         from lmforge.model.gpt import GPTConfig, build_model
         from lmforge.model.presets import get_preset
+        from lmforge.runs.tracking import LogConfig
         from lmforge.train.engine import Engine, TrainConfig
         from lmforge.train.objectives.base import Objective
-        from lmforge.train.tracking import LogConfig
 
         class FixedBatches(Objective):
             """Serves the shared pool of random-token batches, cycled by step; no eval."""

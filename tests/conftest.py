@@ -26,7 +26,7 @@ from lmforge.hardware import Capabilities, GPUInfo  # noqa: E402
 from lmforge.data import DataPrepareConfig, run_prepare
 from lmforge.io.base_model import smollm2_gguf
 from lmforge.paths import embedded_data_dir
-from lmforge.tokenizer import TokenizerTrainConfig, run_train
+from lmforge.commands.tokenizer import TokenizerTrainConfig, run_train
 
 SHAKESPEARE = embedded_data_dir() / "tinyshakespeare.txt"
 
@@ -128,7 +128,7 @@ def save_tiny_gpt(tiny_data: Path, out: Path, *, context_length: int, n_layer: i
     """A random GPT-2-family checkpoint (2 heads, 32 wide, init_std 0.2, seed 0) over ``tiny_data``'s
     char vocabulary (which holds the ChatML tokens)."""
     from lmforge.model.gpt import GPT, GPTConfig
-    from lmforge.train.checkpoint import save_checkpoint
+    from lmforge.checkpoint import save_checkpoint
 
     vocab = json.loads((tiny_data / "meta.json").read_text())["vocab_size"]
     torch.manual_seed(0)
@@ -140,7 +140,7 @@ def save_tiny_gpt(tiny_data: Path, out: Path, *, context_length: int, n_layer: i
 def save_tiny_llama(tiny_data: Path, out: Path, *, context_length: int, init_std: float) -> Path:
     """A tiny Llama-family checkpoint (RoPE, RMSNorm, SwiGLU, GQA) over ``tiny_data``'s char vocabulary."""
     from lmforge.model.gpt import GPT, GPTConfig
-    from lmforge.train.checkpoint import save_checkpoint
+    from lmforge.checkpoint import save_checkpoint
 
     vocab = json.loads((tiny_data / "meta.json").read_text())["vocab_size"]
     torch.manual_seed(0)
@@ -186,7 +186,7 @@ def smol_ckpt(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def smol_model(smol_ckpt: Path):
-    from lmforge.train.checkpoint import load_model
+    from lmforge.checkpoint import load_model
 
     model, _ = load_model(smol_ckpt)
     return model.eval()

@@ -15,8 +15,9 @@ from conftest import read_metrics, save_tiny_llama
 
 from lmforge.cli import main
 from lmforge.model.gpt import GPT, GPTConfig
+from lmforge.runs.tracking import LogConfig
 from lmforge.tokenizer import Tokenizer
-from lmforge.train.checkpoint import load_model, save_checkpoint
+from lmforge.checkpoint import load_model, save_checkpoint
 from lmforge.train.engine import TrainConfig
 from lmforge.train.objectives.adversarial import (
     AdversarialConfig,
@@ -27,7 +28,6 @@ from lmforge.train.objectives.adversarial import (
     policy_gradient_loss,
     token_logps,
 )
-from lmforge.train.tracking import LogConfig
 
 QUIET = ["log.console=false", "log.tensorboard=false", "train.threads=1", "train.device=cpu", "train.precision=fp32"]
 if "report" in {f.name for f in fields(LogConfig)}:  # the engine's report card: plots this test does not check

@@ -15,7 +15,7 @@ from conftest import save_tiny_llama
 from lmforge.cli import main
 from lmforge.eval.attention import attention_share, capture_attention
 from lmforge.model.gpt import GPT, GPTConfig
-from lmforge.train.checkpoint import load_model
+from lmforge.checkpoint import load_model
 
 TEXT = "First Citizen: speak"  # 20 characters; the tiny GPT-2-style checkpoint's context is 16
 
@@ -59,7 +59,7 @@ def test_probabilities_match_transformers_eager_attention(family, tiny_data, tmp
     """An independent reference for learned positions, RoPE and GQA: the exported model in transformers."""
     transformers = pytest.importorskip("transformers")
     from lmforge.io import export_hf
-    from lmforge.train.checkpoint import save_checkpoint
+    from lmforge.checkpoint import save_checkpoint
 
     vocab = json.loads((tiny_data / "meta.json").read_text())["vocab_size"]
     model = tiny_model(family, vocab_size=vocab)
@@ -157,7 +157,7 @@ def test_cli_selection_run_dir_and_truncation(tiny_checkpoint, tmp_path, capsys,
 def test_cli_prefix_adapter_checkpoint_with_chat_template(tiny_data, tmp_path):
     """A Llama-family adapter checkpoint (prefix-tuning: 3 virtual tokens) loads as `chat` loads it."""
     from lmforge.model.peft import PeftConfig, apply_peft
-    from lmforge.train.checkpoint import save_checkpoint
+    from lmforge.checkpoint import save_checkpoint
 
     base = save_tiny_llama(tiny_data, tmp_path / "llama", context_length=96, init_std=0.2)
     model, _ = load_model(base)

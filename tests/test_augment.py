@@ -8,7 +8,7 @@ import random
 import pytest
 
 from lmforge.cli import main
-from lmforge.data import augment as augment_mod
+from lmforge.commands import data as data_commands
 from lmforge.data.augment import (
     AugmentConfig,
     Augmenter,
@@ -107,7 +107,7 @@ def test_paraphrase_with_an_injected_model(tmp_path):
 def test_cli_paraphrase_model_reaches_the_stage(tmp_path, monkeypatch, capsys):
     src = write(tmp_path, [{"text": "x"}])
     seen = []
-    monkeypatch.setattr(augment_mod, "engine_paraphraser", lambda ckpt: seen.append(ckpt) or (lambda ps: ps))
+    monkeypatch.setattr(data_commands, "engine_paraphraser", lambda ckpt: seen.append(ckpt) or (lambda ps: ps))
     assert main(["data", "augment", f"inputs=[{src}]", f"out={tmp_path / 'o.jsonl'}", "--paraphrase-model", "ck"]) == 0
     assert seen == ["ck"]
 
@@ -116,7 +116,7 @@ def test_paraphrase_model_through_the_engine(tmp_path, tiny_checkpoint):
     src = write(tmp_path, [{"text": "To be or not"}, {"messages": CONV["messages"][:2]}])
     cfg = AugmentConfig(inputs=[str(src)], out=str(tmp_path / "o.jsonl"), paraphrase_model=str(tiny_checkpoint),
                         paraphrase_prompt="Say it again: {text}\n")
-    report = run_augment(cfg, verbose=False)
+    report = data_commands.run_augment_command(cfg, data_commands.AugmentFlags())
     c = report["counts"]
     assert c["originals"] == 2 and c["copies"] + c["paraphrase_failed"] == 2
     copies = [row for row in read(tmp_path / "o.jsonl") if "augmented" in row]

@@ -14,11 +14,12 @@ from conftest import TINY_PRETRAIN, read_metrics
 
 from lmforge.cli import main
 from lmforge.model.gpt import GPT, GPTConfig
+from lmforge.runs.tracking import LogConfig
 from lmforge.train.budget import TimeBudget
-from lmforge.train.checkpoint import list_checkpoints
+from lmforge.checkpoint import list_checkpoints
 from lmforge.train.engine import Engine, TrainConfig
+from lmforge.train.hooks import EngineHook
 from lmforge.train.objectives.lm import LMObjective
-from lmforge.train.tracking import LogConfig
 
 
 # ------------------------------------------------------------------------------ the planner
@@ -121,7 +122,7 @@ class TickClock:
         return self.t
 
 
-class StopAfter:
+class StopAfter(EngineHook):
     """An engine hook that interrupts the run after optimizer step ``n``."""
 
     def __init__(self, n: int) -> None:

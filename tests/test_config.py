@@ -15,7 +15,7 @@ from lmforge.errors import ConfigError, LmforgeError
 from lmforge.model.gpt import GPTConfig
 from lmforge.model.presets import PRESETS
 from lmforge.paths import recipes_dir
-from lmforge.tokenizer import TokenizerTrainConfig
+from lmforge.commands.tokenizer import TokenizerTrainConfig
 from lmforge.train.pretrain import PretrainConfig
 
 

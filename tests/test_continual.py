@@ -14,7 +14,8 @@ from lmforge.config import from_dict, load_config
 from lmforge.data import DataPrepareConfig, run_prepare
 from lmforge.errors import ConfigError, DataError
 from lmforge.model.gpt import GPT, GPTConfig
-from lmforge.tokenizer import Tokenizer, TokenizerTrainConfig, run_train
+from lmforge.tokenizer import Tokenizer
+from lmforge.commands.tokenizer import TokenizerTrainConfig, run_train
 from lmforge.train.continual import (
     ContinualConfig,
     EWCPenalty,

@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 from lmforge.cli import main
 
 pytestmark = pytest.mark.usefixtures("restore_torch_globals")
-from lmforge.train.checkpoint import list_checkpoints
+from lmforge.checkpoint import list_checkpoints
 
 ABS_TOL = 2e-5
 GRAD_NORM_RTOL = 1e-4

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from lmforge.cli import main
 from lmforge.config import from_dict, to_dict
 from lmforge.model.gpt import GPT, GPTConfig
-from lmforge.train.checkpoint import list_checkpoints, load_model, save_checkpoint
+from lmforge.checkpoint import list_checkpoints, load_model, save_checkpoint
 from lmforge.train.engine import TrainConfig
 from lmforge.train.objectives.base import RunContext
 from lmforge.train.objectives.lm import LMObjective
@@ -415,7 +415,7 @@ def test_wandb_requested_but_not_installed(tiny_data: Path, tmp_path: Path, monk
 
 def test_progress_bar_moves_every_step_not_only_at_log_interval(tiny_data: Path, tmp_path: Path, monkeypatch) -> None:
     """A 135M-parameter fine-tuning showed 0/600 for 6.5 minutes: the bar moved only at log_interval."""
-    from lmforge.train import tracking
+    from lmforge.runs import tracking
 
     bars: list = []
 

@@ -24,11 +24,11 @@ from lmforge.eval.choice import (
 from lmforge.eval.perplexity import (
     sliding_window_nll,
     text_perplexity,
-    token_byte_lengths,
     window_plan,
 )
+from lmforge.runs.metrics import token_byte_lengths
 from lmforge.tokenizer import Tokenizer
-from lmforge.train.checkpoint import load_model
+from lmforge.checkpoint import load_model
 
 
 @pytest.fixture(scope="module")
@@ -245,7 +245,7 @@ def test_eval_command_every_kind(llama, tmp_path: Path, capsys) -> None:
 
 def test_eval_uses_a_classification_head(tiny_data: Path, tmp_path: Path) -> None:
     from lmforge.model.gpt import GPT, GPTConfig
-    from lmforge.train.checkpoint import save_checkpoint
+    from lmforge.checkpoint import save_checkpoint
 
     vocab = json.loads((tiny_data / "meta.json").read_text())["vocab_size"]
     torch.manual_seed(0)
@@ -316,9 +316,9 @@ def test_multiple_choice_options_of_very_different_lengths(llama) -> None:
 
 def test_assistant_loss_equals_a_hand_computation(llama) -> None:
     """Chat eval's loss: the mean next-token loss over assistant tokens only (the SFT tokenization)."""
+    from lmforge.data.encoding import tokenize_example
     from lmforge.eval.chat import assistant_loss
     from lmforge.tokenizer.chat import CHATML, ChatTemplate
-    from lmforge.train.objectives.sft import tokenize_example
 
     model, tok, _ = llama
     template = ChatTemplate(CHATML, {})

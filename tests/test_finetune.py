@@ -11,11 +11,11 @@ from conftest import read_metrics, save_tiny_llama
 
 from lmforge.cli import main
 from lmforge.config import load_config
+from lmforge.data.encoding import tokenize_example
 from lmforge.tokenizer import Tokenizer
 from lmforge.tokenizer.chat import ChatTemplate
-from lmforge.train.checkpoint import load_model
+from lmforge.checkpoint import load_model
 from lmforge.train.finetune import FinetuneConfig, run_finetune
-from lmforge.train.objectives.sft import tokenize_example
 
 QUIET = ["log.console=false", "log.tensorboard=false", "train.threads=1", "train.device=cpu", "train.precision=fp32"]
 
@@ -163,7 +163,7 @@ def test_lora_finetune_resumes_exactly_from_an_adapter_checkpoint(base, tmp_path
 
     from safetensors.torch import load_file
 
-    from lmforge.train.checkpoint import resolve_checkpoint
+    from lmforge.checkpoint import resolve_checkpoint
 
     data = _write_jsonl(tmp_path / "train.jsonl", _conversations(48, 0))
     common = [f"data.train=[{data}]", "peft.method=lora", "peft.r=4", "peft.target_modules=[all-linear]",

@@ -433,7 +433,7 @@ def test_chat_banner_names_the_checkpoint_and_an_adapter(tiny_data: Path, tmp_pa
     from lmforge.tokenizer.chat import ChatTemplate
     from lmforge.infer.engine import load_engine
     from lmforge.model.peft import PeftConfig, apply_peft
-    from lmforge.train.checkpoint import load_model, save_checkpoint
+    from lmforge.checkpoint import load_model, save_checkpoint
 
     base = save_tiny_llama(tiny_data, tmp_path / "base", context_length=64, init_std=0.05)
     model, _ = load_model(base)

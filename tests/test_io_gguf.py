@@ -19,7 +19,7 @@ from lmforge.io.gguf import export_gguf, import_gguf, permute_qk, unpermute_qk
 from lmforge.model.gpt import GPT, GPTConfig
 from lmforge.tokenizer.base import Tokenizer
 from lmforge.tokenizer.bpe import train_bpe
-from lmforge.train.checkpoint import load_model, read_config, save_checkpoint
+from lmforge.checkpoint import load_model, read_config, save_checkpoint
 
 
 @needs_smol

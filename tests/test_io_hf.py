@@ -14,7 +14,7 @@ from lmforge.infer import greedy
 from lmforge.io import export_hf, import_hf
 from lmforge.model.gpt import GPT, GPTConfig
 from lmforge.tokenizer import EOT, Tokenizer, train_bpe
-from lmforge.train.checkpoint import load_model, read_config, save_checkpoint
+from lmforge.checkpoint import load_model, read_config, save_checkpoint
 
 transformers = pytest.importorskip("transformers")
 

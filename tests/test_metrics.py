@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from lmforge.errors import DataError
-from lmforge.eval.metrics import (
+from lmforge.runs.metrics import (
     classification_report,
     figure_size,
     format_report_markdown,

@@ -18,7 +18,7 @@ from lmforge.cli import main
 from lmforge.errors import LmforgeError
 from lmforge.model.gpt import GPT, GPTConfig
 from lmforge.tokenizer import train_bpe
-from lmforge.train.checkpoint import load_model, save_checkpoint
+from lmforge.checkpoint import load_model, save_checkpoint
 
 
 @pytest.fixture(scope="module")

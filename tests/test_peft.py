@@ -18,8 +18,8 @@ from lmforge.model.peft import (
     merge_peft,
     trainable_summary,
 )
-from lmforge.model.peft.io import load_adapter, save_adapter
-from lmforge.train.checkpoint import load_model
+from lmforge.checkpoint.adapters import load_adapter, save_adapter
+from lmforge.checkpoint import load_model
 
 METHODS = ["lora", "dora", "adalora", "ia3", "adapter", "prefix", "prompt"]
 IDENTITY_AT_INIT = ["lora", "dora", "ia3", "adapter", "adalora"]

@@ -24,7 +24,7 @@ from lmforge.eval.prompting import (
 )
 from lmforge.tokenizer.base import Tokenizer
 from lmforge.tokenizer.chat import ChatTemplate
-from lmforge.train.checkpoint import load_model
+from lmforge.checkpoint import load_model
 
 POOL = [{"text": f"{lb} text {i}", "label": lb} for lb, n in (("a", 6), ("b", 3), ("c", 2)) for i in range(n)]
 

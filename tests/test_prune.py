@@ -12,16 +12,10 @@ from conftest import TINY_PRETRAIN, save_tiny_llama
 
 from lmforge.cli import main
 from lmforge.errors import ConfigError, LmforgeError
+from lmforge.checkpoint import load_model
+from lmforge.commands.checkpoint import calibration_batches, prune_and_recover, prune_checkpoint
 from lmforge.model.gpt import GPT, GPTConfig
-from lmforge.model.prune import (
-    calibration_batches,
-    magnitude_prune,
-    prune_and_recover,
-    prune_checkpoint,
-    prune_model,
-    structured_prune,
-)
-from lmforge.train.checkpoint import load_model
+from lmforge.model.prune import magnitude_prune, prune_model, structured_prune
 
 
 def tiny_model(**kw) -> GPT:
@@ -157,7 +151,7 @@ def test_pruned_checkpoint_reloads_samples_and_exports(llama_ckpt, tiny_data, tm
 
 
 def test_pruned_then_quantized(llama_ckpt, tmp_path):
-    from lmforge.model.quant import quantize_checkpoint
+    from lmforge.commands.checkpoint import quantize_checkpoint
 
     out, _ = prune_checkpoint(llama_ckpt, tmp_path / "pruned", "mlp", 0.3, importance="weight")
     q = quantize_checkpoint(out, tmp_path / "int8", "int8")

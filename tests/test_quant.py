@@ -14,15 +14,10 @@ from safetensors.torch import load_file, save_file
 from lmforge.cli import main
 from lmforge.data.shards import load_meta, open_split
 from lmforge.errors import ConfigError, LmforgeError
+from lmforge.checkpoint import load_model, save_checkpoint
+from lmforge.commands.checkpoint import quantize_checkpoint
 from lmforge.model.gpt import GPT, GPTConfig
-from lmforge.model.quant import (
-    Int4Linear,
-    Int8Linear,
-    dequantize_model,
-    quantize_checkpoint,
-    quantize_model,
-)
-from lmforge.train.checkpoint import load_model, save_checkpoint
+from lmforge.model.quant import Int4Linear, Int8Linear, dequantize_model, quantize_model
 
 VOCAB, T = 61, 16  # an odd vocabulary: the int4 head's out_features is padded for the kernel
 LLAMA = {"pos_embedding": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False, "tie_embeddings": False, "n_kv_head": 1}

@@ -115,7 +115,7 @@ def test_scratch_model_is_sized_from_measured_speed(monkeypatch) -> None:
     token) reach MIN_STEPS in the pretraining budget: a slower machine gets a smaller model."""
     import dataclasses
 
-    import lmforge.quickstart_scratch as qs
+    import lmforge.quickstart.scratch as qs
     from lmforge.config import load_config
     from lmforge.train import pretrain as pretrain_mod
     from lmforge.train.pretrain import PretrainConfig
@@ -187,7 +187,7 @@ def test_chat_page_with_its_defaults_streams_a_reply_from_the_quickstart_model(s
 
 
 def test_plan_gives_training_what_the_measured_stages_leave() -> None:
-    from lmforge import quickstart_plan as qp
+    from lmforge.quickstart import plan as qp
 
     now = [0.0]
     clock = qp.Clock(600.0, now=lambda: now[0])

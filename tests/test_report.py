@@ -1,4 +1,4 @@
-"""Report cards (`lmforge.eval.report`): report.md with relative links to real PNGs, written by
+"""Report cards (`lmforge.runs.report`): report.md with relative links to real PNGs, written by
 every training run (pretrain, finetune with its confusion matrix; the quickstart's: tests/test_quickstart.py)."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import yaml
 from conftest import TINY_PRETRAIN, save_tiny_llama
 
 from lmforge.cli import main
-from lmforge.eval import report as report_mod
-from lmforge.eval.report import write_report
+from lmforge.runs import report as report_mod
+from lmforge.runs.report import write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 IMAGE_LINK = re.compile(r"!\[[^\]]*\]\(([^)]+)\)")
@@ -172,7 +172,7 @@ def test_val_loss_below_train_loss_is_explained(tmp_path: Path) -> None:
 def test_classify_finetune_report_has_confusion_matrix_and_metrics(tiny_data: Path, tmp_path: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from lmforge.eval.metrics import figure_size
+    from lmforge.runs.metrics import figure_size
 
     base = save_tiny_llama(tiny_data, tmp_path / "base", context_length=64, init_std=0.05)
     rows = [{"text": f"{label[0] * (3 + i % 5)} road", "label": label}

@@ -19,7 +19,7 @@ from lmforge.eval.robustness import (
     text_perplexity,
 )
 from lmforge.tokenizer import Tokenizer
-from lmforge.train.checkpoint import load_model
+from lmforge.checkpoint import load_model
 
 TEXTS = [" ".join(f"w{i}_{j}" for j in range(200)) for i in range(5)]
 

@@ -161,7 +161,7 @@ def test_chat_logprobs(client):
 def test_completions_echo_logprobs_are_the_models(server, chat_ckpt):
     """The legacy format lm-evaluation-harness's local-completions reads (loglikelihood)."""
     from lmforge.tokenizer import Tokenizer
-    from lmforge.train.checkpoint import load_model
+    from lmforge.checkpoint import load_model
 
     tok = Tokenizer.from_file(chat_ckpt / "tokenizer.json")
     context, continuation = "ROMEO: ", "Good"
@@ -406,9 +406,9 @@ def test_chat_template_is_sandboxed(chat_ckpt):
 # ---- adapters and the command line ---------------------------------------------------------
 def test_adapter_is_served_as_its_own_model(chat_ckpt, tmp_path):
     peft = pytest.importorskip("lmforge.model.peft")
-    io = pytest.importorskip("lmforge.model.peft.io")
-    from lmforge.serve.commands import add_parser, build_models
-    from lmforge.train.checkpoint import load_model
+    io = pytest.importorskip("lmforge.checkpoint.adapters")
+    from lmforge.checkpoint import load_model
+    from lmforge.commands.serve import ServeCommandConfig, build_models
 
     model, _ = load_model(chat_ckpt)
     peft.apply_peft(model, peft.PeftConfig(method="lora", r=4, target_modules=["q_proj", "v_proj"]))
@@ -419,13 +419,9 @@ def test_adapter_is_served_as_its_own_model(chat_ckpt, tmp_path):
     out = tmp_path / "adapter"
     out.mkdir()
     io.save_adapter(out, model, base_checkpoint=str(chat_ckpt))
-    import argparse
-
-    parser = argparse.ArgumentParser()
-    args = add_parser(parser.add_subparsers(dest="c")).parse_args(
-        [str(chat_ckpt), "--adapter", f"shakespeare={out}", "--model-name", "base", "--max-batch-size", "2"]
-    )
-    models = build_models(args)
+    cfg = ServeCommandConfig(checkpoint=str(chat_ckpt), adapter=[f"shakespeare={out}"], model_name="base",
+                             max_batch_size=2)
+    models = build_models(cfg)
     assert [m.name for m in models] == ["base", "shakespeare"] and models[1].parent == "base"
     srv = BackgroundServer(create_app(models, ServeConfig())).start()
     try:

@@ -26,7 +26,7 @@ def page_server(tiny_data: Path, tmp_path_factory):
     from lmforge.serve.app import ServeConfig, ServedModel, create_app
     from lmforge.serve.server import BackgroundServer
     from lmforge.tokenizer.chat import ChatTemplate
-    from lmforge.train.checkpoint import save_checkpoint
+    from lmforge.checkpoint import save_checkpoint
 
     vocab = json.loads((tiny_data / "meta.json").read_text())["vocab_size"]
     torch.manual_seed(0)

@@ -66,6 +66,37 @@ def test_api_keys(srv):
     assert chat(srv, {"messages": MSG, "max_tokens": 2}).status_code == 200
 
 
+def test_every_route_needs_the_key_unless_declared_public(ckpt):
+    """serve/access.py declares the public paths once; every other route (and any unknown path)
+    answers 401 without a key, whatever its method, and the schema marks exactly those."""
+    from lmforge.serve.access import PUBLIC_PATHS
+    from lmforge.serve.routes import all_routes
+
+    srv = start(ckpt, auth_fail_limit=0)  # a server of its own: other tests' failed keys throttle 127.0.0.1
+    try:
+        _check_route_protection(srv, PUBLIC_PATHS, all_routes())
+    finally:
+        srv.stop()
+
+
+def _check_route_protection(srv, public, routes) -> None:
+    assert {r.path for r in routes if r.path in public} == {"/", "/health", "/ready"}
+    for route in routes:
+        for method in route.methods:
+            r = httpx.request(method, srv.url + route.path, timeout=30)
+            if route.path in public:
+                assert r.status_code != 401, (method, route.path)
+            else:
+                assert error_of(r, 401)["code"] == "missing_api_key", (method, route.path)
+    assert error_of(httpx.post(srv.url + "/v1/embeddings", json={}), 401)  # default deny
+    assert httpx.get(srv.url + "/openapi.json").status_code == 200
+    schema = httpx.get(srv.url + "/openapi.json").json()
+    assert schema["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+    for path, operations in schema["paths"].items():
+        for op in operations.values():
+            assert ("security" in op) == (path not in public), path
+
+
 def test_key_sources(tmp_path):
     f = tmp_path / "keys"
     f.write_text("# team keys\nsk-file-key-000001\n\n  sk-file-key-000002  \n")

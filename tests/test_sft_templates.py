@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from lmforge.cli import main
+from lmforge.data.encoding import tokenize_example
 from lmforge.tokenizer.bpe import train_bpe
 from lmforge.tokenizer.chat import CHATML, ChatTemplate
 from lmforge.train.objectives.preview import assistant_turn_ends, end_of_turn_token_ids, preview
-from lmforge.train.objectives.sft import tokenize_example
 
 from conftest import SMOLLM2_TEMPLATE as SMOLLM2
 from conftest import needs_smol, save_tiny_llama

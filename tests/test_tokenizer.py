@@ -15,11 +15,10 @@ from lmforge.tokenizer import (
     EOT,
     UNK,
     Tokenizer,
-    TokenizerTrainConfig,
     build_char,
-    run_train,
     train_bpe,
 )
+from lmforge.commands.tokenizer import TokenizerTrainConfig, run_train
 
 SHAKESPEARE = embedded_data_dir() / "tinyshakespeare.txt"
 

@@ -248,3 +248,28 @@ def load_config(cls: type[T], stage: str, recipe: str | None, overrides: list[st
         data = read_yaml(resolve_recipe(stage, recipe))
     data = deep_merge(data, parse_overrides(overrides or []))
     return from_dict(cls, data)
+
+
+# ---- command options ----------------------------------------------------------------------
+#: The help of every command's checkpoint argument.
+CHECKPOINT_HELP = "a checkpoint directory, or a run directory (its newest checkpoint)"
+
+
+def option(default: Any = dataclasses.MISSING, help: str | None = None, *, flag: str | None = None,
+           aliases: tuple[str, ...] = (), positional: bool = False, nargs: str | None = None,
+           metavar: str | None = None, group: str | None = None, choices: tuple[Any, ...] | None = None) -> Any:
+    """A field of a command's config dataclass, with what the command line needs to offer it.
+
+    Each command (``lmforge serve``, ``generate``, ...) is a dataclass of these plus a
+    ``run(cfg)`` function; ``lmforge.cli`` builds the argparse parser from the fields (the flag
+    is ``--`` + the field name with ``-`` for ``_`` unless ``flag`` names it; a ``bool`` is a
+    switch, a ``list`` a repeatable flag; ``Literal`` types are the choices), so a command's
+    settings are declared once and the library never sees an argparse ``Namespace``.
+    Validation lives in the dataclass's ``__post_init__`` (raising ``ConfigError``).
+    ``help`` may use argparse's ``%(default)s``."""
+    meta = {"help": help, "flag": flag, "aliases": aliases, "positional": positional, "nargs": nargs,
+            "metavar": metavar, "group": group, "choices": choices}
+    if isinstance(default, list):
+        items = list(default)
+        return dataclasses.field(default_factory=lambda: list(items), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)

@@ -116,3 +116,20 @@ def save_safetensors(tensors: dict[str, Any], path: str | os.PathLike[str], meta
     os.chmod(path, _default_mode())
     return path
 
+
+def read_json_object(path: str | os.PathLike[str], what: str) -> dict[str, Any]:
+    """The JSON object in ``path`` (``what`` it holds, for the messages): a missing, undecodable,
+    invalid, absurdly nested or non-object file is one LmforgeError naming the file. Model
+    directories and checkpoints come from anywhere, so each of these is a user error."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LmforgeError(f"{path.parent} has no {path.name} ({what})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LmforgeError(f"{path} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise LmforgeError(f"{path} is nested too deeply to be {what}") from None
+    if not isinstance(data, dict):
+        raise LmforgeError(f"{path} is not a JSON object ({what})")
+    return data

@@ -9,7 +9,7 @@ with its probability:
   neighbour (``swap_prob``) or replaced by ``mask_token`` (``mask_prob``); lines are kept;
 - **paraphrase** of the texts of ``paraphrase_roles`` by a language model: a callable
   ``complete(prompts) -> completions``; on the command line ``paraphrase_model=CKPT`` (or
-  ``--paraphrase-model``) builds it from an lmforge checkpoint (:func:`engine_paraphraser`);
+  ``--paraphrase-model``) builds it from an lmforge checkpoint (:func:`lmforge.commands.data.engine_paraphraser`);
 - **context truncation** (``truncate_prob``): a conversation loses a random number of leading
   user/assistant exchanges (at least one exchange stays);
 - **system prompt** (``system_prob``): one of ``system_prompts`` opens the conversation (when
@@ -114,22 +114,6 @@ def truncate_context(messages: list[dict[str, str]], rng: random.Random) -> list
     return head + turns[2 * drop:]
 
 
-def engine_paraphraser(checkpoint: str, max_new_tokens: int = 128, temperature: float = 0.7, seed: int = 0) -> Complete:
-    """A ``complete(prompts) -> completions`` callable over the lmforge model at
-    ``checkpoint``, through the inference engine (batched, seeded)."""
-    from ..infer.engine import load_engine
-    from ..infer.sampling import SamplingParams
-
-    engine = load_engine(checkpoint, overflow="truncate")
-    params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=0.95, seed=seed,
-                            stop=["\n\n"])
-
-    def complete(prompts: list[str]) -> list[str]:
-        return [c.text for c in engine.generate(prompts, params)]
-
-    return complete
-
-
 # ------------------------------------------------------------------------------- the stage
 class Augmenter:
     """Makes the augmented copies of records; :attr:`counts` counts each operation."""
@@ -231,11 +215,12 @@ class Augmenter:
 
 
 def run_augment(cfg: AugmentConfig, verbose: bool = True, complete: Complete | None = None) -> dict[str, Any]:
-    """Augment ``cfg.inputs`` into ``cfg.out``. ``complete`` paraphrases (default: built from
-    ``cfg.paraphrase_model`` when set)."""
+    """Augment ``cfg.inputs`` into ``cfg.out``. ``complete`` paraphrases (``lmforge data augment``
+    builds it from ``cfg.paraphrase_model`` through the inference engine: :mod:`lmforge.commands.data`)."""
     cfg.validate()
     if complete is None and cfg.paraphrase_model:
-        complete = engine_paraphraser(cfg.paraphrase_model)
+        raise ConfigError(f"paraphrase_model={cfg.paraphrase_model}: the data library takes a `complete` callable; "
+                          "run the stage as `lmforge data augment` (lmforge.commands.data.run_augment_command)")
     aug = Augmenter(cfg, complete)
     batch_records = max(1, cfg.paraphrase_batch // max(1, cfg.copies)) if complete is not None else 256
 

@@ -438,9 +438,8 @@ def run_attention(
 ) -> dict[str, Any]:
     """Capture, plot and summarize the attention of ``checkpoint`` on ``text`` (see module doc).
     Returns the attention.json record (with ``out`` and the written ``files``)."""
+    from ..checkpoint import Checkpoint
     from ..fileio import atomic_write_text
-    from ..tokenizer import Tokenizer
-    from ..train.checkpoint import load_model, resolve_checkpoint
 
     if not text.strip():
         raise DataError("the text is empty")
@@ -449,8 +448,8 @@ def run_attention(
     from ..hardware import inference_dtype
 
     inference_dtype(dtype, device)  # a bad value fails before the checkpoint loads
-    path = resolve_checkpoint(checkpoint)
-    model, path = load_model(path, device=device, quantize=quantize)
+    ckpt = Checkpoint.open(checkpoint)
+    path, model = ckpt.path, ckpt.load_model(device=device, quantize=quantize)
     # fp32 maps, except weight-quantized models where bf16 is fast (lmforge.hardware.inference_dtype)
     compute = inference_dtype(dtype, device, quantized=getattr(model, "quantization", None) is not None)
     if model.embed_tokens.weight.dtype != compute:
@@ -459,11 +458,9 @@ def run_attention(
     cfg = model.config
     layer_ids = parse_indices(layers, cfg.n_layer, "layers")
     head_ids = parse_indices(heads, cfg.n_head, "heads")
-    tokenizer = Tokenizer.from_file(path / "tokenizer.json")
+    tokenizer = ckpt.tokenizer()
     if chat:
-        from ..tokenizer.chat import ChatTemplate
-
-        text = ChatTemplate.from_checkpoint(path).render([{"role": "user", "content": text}], add_generation_prompt=True)
+        text = ckpt.chat_template().render([{"role": "user", "content": text}], add_generation_prompt=True)
     P = int(getattr(model, "virtual_tokens", 0) or 0)
     ids = _prepare_ids(tokenizer, text, cfg.context_length - P, max_tokens)
     T, S = len(ids), P + len(ids)

@@ -4,7 +4,7 @@ Two views of the same conversations:
 
 - **assistant-token loss**: the conversation rendered with the model's chat template and scored
   with the loss only on the assistant turns' tokens (the SFT objective's tokenization,
-  :func:`lmforge.train.objectives.sft.tokenize_example`), summed over all conversations:
+  :func:`lmforge.data.encoding.tokenize_example`), summed over all conversations:
   ``loss`` (nats per assistant token) and ``perplexity``;
 - **replies**: each conversation is cut before its last assistant turn and the model replies to
   it (the inference engine, greedy by default, stopping at the end-of-turn token); reported are
@@ -39,7 +39,7 @@ def assistant_loss(
 ) -> dict[str, Any]:
     """Summed next-token loss over the assistant tokens of ``conversations`` (longer than the
     context: the end is cut, counted in ``truncated``)."""
-    from ..train.objectives.sft import tokenize_example
+    from ..data.encoding import tokenize_example
 
     context = int(model.config.context_length)
     items, truncated = [], 0

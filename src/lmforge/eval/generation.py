@@ -230,7 +230,7 @@ def evaluate_generation(
     "chat", "max_tokens", "temperature", "seconds", "generated_tokens"}``; ``predictions``
     are ready to write as JSONL.
     """
-    from ..infer.commands import seeded
+    from ..infer.sampling import seeded
     from ..infer.engine import InferenceEngine, load_engine
     from ..infer.sampling import SamplingParams
 

@@ -219,7 +219,7 @@ class LmforgeLM(LM):
             for i in idx:
                 ids = self.tokenizer.encode(requests[i].args[0]) or [self.prefix_token_id]
                 prompts.append(ids[-(self.max_length - max_gen) :])
-            from ..infer.commands import seeded
+            from ..infer.sampling import seeded
 
             done = self.engine.generate(prompts, seeded(params, len(prompts)), progress=self.progress)
             for i, c in zip(idx, done):

@@ -11,10 +11,8 @@ figure equals transformers' on the same weights, tokens, window length and strid
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
-from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -23,42 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, DataError
-
-
-@lru_cache(maxsize=1)
-def _byte_level_decoder() -> dict[str, int]:
-    """Inverse of GPT-2's bytes_to_unicode table used by byte-level BPE vocabularies."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
-
-
-def token_byte_lengths(tokenizer) -> np.ndarray:
-    """UTF-8 byte length of every token id of a lmforge Tokenizer (0 for special tokens)."""
-    hf = tokenizer.hf
-    spec = json.loads(hf.to_str())
-    byte_level = (spec.get("decoder") or {}).get("type") == "ByteLevel"
-    specials = set(tokenizer.special_tokens)
-    table = _byte_level_decoder()
-    lengths = np.zeros(tokenizer.vocab_size, dtype=np.int64)
-    for piece, idx in hf.get_vocab(with_added_tokens=True).items():
-        if idx >= len(lengths) or piece in specials:
-            continue
-        if byte_level and all(ch in table for ch in piece):
-            lengths[idx] = len(piece)
-        else:
-            lengths[idx] = len(hf.decode([idx], skip_special_tokens=False).encode("utf-8"))
-    return lengths
-
-
-def bits_per_byte(total_nats: float, total_bytes: int) -> float:
-    return total_nats / math.log(2) / max(1, total_bytes)
+from ..runs.metrics import bits_per_byte, token_byte_lengths
 
 
 # ----------------------------------------------------------------------------- sliding window

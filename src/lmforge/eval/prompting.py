@@ -455,11 +455,11 @@ def evaluate_task_by_prompting(
     progress: bool = True,
 ) -> dict[str, Any]:
     """A :class:`~lmforge.data.tasks.TaskSpec`'s test split classified by prompting (shots from
-    its train split): :func:`lmforge.eval.metrics.classification_report` plus ``k``, ``seed``,
+    its train split): :func:`lmforge.runs.metrics.classification_report` plus ``k``, ``seed``,
     ``seconds`` and ``chat`` (whether a chat template wrapped the prompts)."""
     import time
 
-    from .metrics import classification_report
+    from ..runs.metrics import classification_report
 
     test = task.test()
     examples = test.examples[:max_examples] if max_examples else test.examples

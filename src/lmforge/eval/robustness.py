@@ -86,7 +86,7 @@ def text_perplexity(model: Any, tokenizer: Any, texts: Sequence[str], batch_size
     """Next-token loss over ``texts``, each scored on its own (cut into windows of the model's
     context; every token after a text's first is predicted): ``loss`` (nats/token), ``ppl``,
     ``bpb`` (bits per UTF-8 byte of the predicted tokens) and ``tokens``."""
-    from .perplexity import bits_per_byte, token_byte_lengths
+    from ..runs.metrics import bits_per_byte, token_byte_lengths
 
     T = model.config.context_length
     device = next(model.parameters()).device
@@ -130,7 +130,7 @@ def head_predictions(model: Any, tokenizer: Any, texts: Sequence[str], template:
                      batch_size: int = 32) -> list[int]:
     """Label indices predicted by the model's classification head (the last real token of
     ``template`` filled with each text; longer inputs keep their end, as in training)."""
-    from ..train.objectives.batching import pad_batch
+    from ..data.encoding import pad_batch
 
     if not getattr(model.config, "num_labels", 0):
         raise ConfigError("the model has no classification head; use method=prompt (a task's prompt)")
@@ -154,15 +154,10 @@ def head_predictions(model: Any, tokenizer: Any, texts: Sequence[str], template:
 
 
 def _load(checkpoint: str | Path) -> tuple[Any, Any, dict[str, Any]]:
-    from ..tokenizer import Tokenizer
-    from ..train.checkpoint import load_model, read_config
+    from ..checkpoint import Checkpoint
 
-    model, ckpt = load_model(checkpoint)
-    config = read_config(ckpt)
-    tokenizer_file = ckpt / "tokenizer.json"
-    if not tokenizer_file.is_file() and (config.get("adapter") or {}).get("base_checkpoint"):
-        tokenizer_file = Path(config["adapter"]["base_checkpoint"]) / "tokenizer.json"
-    return model, Tokenizer.from_file(tokenizer_file), config
+    ckpt = Checkpoint.open(checkpoint)
+    return ckpt.load_model(), ckpt.tokenizer(), ckpt.config
 
 
 def evaluate_robustness(
@@ -264,7 +259,7 @@ def evaluate_robustness(
         if not classify:
             row.update(text_perplexity(model, tokenizer, noisy, batch_size=batch_size))
         else:
-            from .metrics import classification_report
+            from ..runs.metrics import classification_report
 
             if method == "head":
                 pred = head_predictions(model, tokenizer, noisy, template, batch_size=batch_size)

@@ -10,7 +10,7 @@ tasks run once. The run directory gets:
 - ``<task>/<row>.predictions.jsonl``: what the model predicted for each example;
 - ``<task>/<row>.confusion.png`` (classification) and ``<task>/compare.png`` (rows side by side);
 - ``metrics.jsonl`` and TensorBoard scalars (``eval/<task>/<metric>``; W&B with ``--wandb``);
-- ``report.md``: the report card (:func:`lmforge.eval.report.write_report`).
+- ``report.md``: the report card (:func:`lmforge.runs.report.write_report`).
 """
 
 from __future__ import annotations
@@ -112,16 +112,14 @@ class LoadedModel:
 
 
 def load_for_eval(checkpoint: str, opts: EvalOptions) -> LoadedModel:
-    from ..tokenizer import Tokenizer
-    from ..tokenizer.chat import ChatTemplate
-    from ..train.checkpoint import load_model, read_config
+    from ..checkpoint import Checkpoint
 
-    model, path = load_model(checkpoint)
+    ckpt = Checkpoint.open(checkpoint)
+    model, path, config = ckpt.load_model(), ckpt.path, ckpt.config
     model.eval()
-    tokenizer = Tokenizer.from_file(path / "tokenizer.json")
-    config = read_config(path)
+    tokenizer = ckpt.tokenizer()
     use_chat = opts.chat == "on" or (opts.chat == "auto" and _has_chat_template(path, config, tokenizer))
-    template = ChatTemplate.from_checkpoint(path) if use_chat else None
+    template = ckpt.chat_template() if use_chat else None
     name = path.name
     if name.startswith("step_") and path.parent.name == "checkpoints":  # a run's checkpoint: the run's name
         name = path.parent.parent.name
@@ -169,8 +167,7 @@ def _head_labels(lm: LoadedModel, task: Any) -> bool:
 def classify_with_head(model: torch.nn.Module, tokenizer: Any, texts: list[str], template: str, batch_size: int) -> list[int]:
     """The head's predicted label index for every text (the text in the training template,
     cut to the model's context from the left, as the classification objective does)."""
-    from ..train.objectives.batching import pad_batch
-    from ..train.objectives.classify import encode_texts
+    from ..data.encoding import encode_texts, pad_batch
 
     encoded, _ = encode_texts(tokenizer, texts, template, int(model.config.context_length))
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eot_id
@@ -186,7 +183,7 @@ def classify_with_head(model: torch.nn.Module, tokenizer: Any, texts: list[str],
 
 
 def eval_classify(lm: LoadedModel, task: Any, opts: EvalOptions, out: Path) -> list[dict[str, Any]]:
-    from .metrics import classification_report, plot_confusion_matrix
+    from ..runs.metrics import classification_report, plot_confusion_matrix
     from .prompting import classify_scores
 
     examples = _examples(task, opts)
@@ -398,8 +395,8 @@ def run_eval(checkpoints: list[str], task_names: list[str], opts: EvalOptions, o
              text_files: list[str] = ()) -> dict[str, Any]:
     """Evaluate every checkpoint on every task; write the run directory; return the results."""
     from ..data.tasks import TaskSpec, load_task
-    from ..train.tracking import LogConfig, RunLogger
-    from .report import write_report
+    from ..runs.tracking import LogConfig, RunLogger
+    from ..runs.report import write_report
 
     opts.validate()
     if not checkpoints:
@@ -457,65 +454,3 @@ def run_eval(checkpoints: list[str], task_names: list[str], opts: EvalOptions, o
     print("\n".join(f"\n{t}\n{md}" for t, md in tables))
     print(f"\nresults: {out / 'results.json'}\nreport: {report}")
     return result
-
-
-# ----------------------------------------------------------------------------- CLI
-def add_parser(sub: Any) -> None:
-    import argparse
-
-    p = sub.add_parser(
-        "eval",
-        help="evaluate checkpoints on tasks: perplexity, classification, multiple choice, generation, chat",
-        description="Evaluate one or more checkpoints on embedded or YAML tasks; classification and multiple-"
-        "choice tasks run zero- and few-shot side by side (--shots 0,5), a fine-tuned classifier through its "
-        "head. Writes results.json, predictions, plots and report.md to --out.",
-        epilog="tasks: see --list-tasks; a task YAML format is documented in data/finetune/README.md",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("checkpoints", nargs="*", metavar="CKPT", help="checkpoint or run directories (several: side by side)")
-    p.add_argument("--task", action="append", default=[], help="embedded task name or task YAML (repeatable, or comma-separated)")
-    p.add_argument("--text", action="append", default=[], metavar="FILE", help="also: perplexity on a text file (repeatable)")
-    p.add_argument("--shots", default="0", help="in-context examples for classify / multiple-choice tasks, e.g. 0,5 (default 0)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the few-shot draw and sampling (default 0)")
-    p.add_argument("--limit", type=int, default=None, help="a seeded sample of N test examples a task (perplexity tasks: the whole text)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="auto (default): bf16 autocast where bf16 is fast (AVX512-BF16/AMX CPUs, GPUs), else fp32")
-    p.add_argument("--max-length", type=int, default=None, help="perplexity window in tokens (default: the task's, else the context)")
-    p.add_argument("--stride", type=int, default=None, help="perplexity: tokens scored per window (default half the window)")
-    p.add_argument("--chat", choices=["auto", "on", "off"], default="off",
-                   help="prompts in the chat template: off (default, as lm-eval), on, or auto = when the "
-                   "checkpoint has one; chat tasks always use it")
-    p.add_argument("--max-tokens", type=int, default=None, help="generation / chat reply budget (default: the task's)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the usable cores, cgroup quota included)")
-    p.add_argument("--out", default=None, help="run directory (default runs/eval/<first checkpoint's name>)")
-    p.add_argument("--wandb", action="store_true", help="also log to Weights & Biases")
-    p.add_argument("--list-tasks", action="store_true", help="list the embedded tasks and exit")
-
-
-def _parse_shots(text: str) -> list[int]:
-    try:
-        shots = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ConfigError(f"--shots takes numbers separated by commas, e.g. 0,5; got {text!r}") from None
-    return shots
-
-
-def run_command(args: Any) -> None:
-    from ..data.tasks import list_tasks, load_task
-
-    if args.list_tasks:
-        for name in list_tasks():
-            t = load_task(name)
-            print(f"{name:<24} {t.kind:<16} {t.description.strip()[:90]}")
-        return
-    tasks = [t.strip() for spec in args.task for t in spec.split(",") if t.strip()]
-    opts = EvalOptions(
-        shots=_parse_shots(args.shots), seed=args.seed, limit=args.limit, batch_size=args.batch_size,
-        precision=args.precision, max_length=args.max_length, stride=args.stride, chat=args.chat,
-        max_tokens=args.max_tokens, threads=args.threads, wandb=args.wandb,
-    )
-    if not args.checkpoints:
-        raise ConfigError("name a checkpoint to evaluate: lmforge eval CKPT --task NAME")
-    out = args.out or str(Path("runs") / "eval" / _slug(Path(args.checkpoints[0]).resolve().name))
-    run_eval(args.checkpoints, tasks, opts, out, text_files=args.text)

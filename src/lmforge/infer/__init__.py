@@ -1,7 +1,6 @@
 """Inference: the one engine (KV cache, sampling, streaming, batching) and its front ends.
 
-Names are imported on first use, so the command line's parser (which imports
-``infer.commands``) does not pay for importing torch.
+Names are imported on first use, so importing the package costs nothing until one is used.
 """
 
 from __future__ import annotations

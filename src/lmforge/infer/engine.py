@@ -44,7 +44,7 @@ import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -60,6 +60,10 @@ from .sampling import (
     sample,
     token_logprobs,
 )
+
+if TYPE_CHECKING:
+    from ..checkpoint import Checkpoint
+
 
 Overflow = Literal["error", "truncate", "slide"]
 
@@ -527,17 +531,23 @@ def load_engine(
     (:func:`lmforge.hardware.inference_dtype`: bf16 on GPUs with bf16, fp16 on older ones; on
     a CPU fp32, except weight-quantized models where bf16 is fast).
     """
-    from ..tokenizer import Tokenizer
-    from ..train.checkpoint import load_model
+    from ..checkpoint import Checkpoint
 
     hardware.inference_dtype(dtype, device)  # a bad value fails before the checkpoint loads
-    model, path = load_model(checkpoint, device=device, quantize=quantize)
+    ckpt = Checkpoint.open(checkpoint)
+    return engine_for(ckpt.load_model(device=device, quantize=quantize), ckpt, device=device, dtype=dtype,
+                      max_batch_size=max_batch_size, max_seq_len=max_seq_len, overflow=overflow,
+                      max_step_tokens=max_step_tokens, kv_cache_bytes=kv_cache_bytes)
+
+
+def engine_for(model: torch.nn.Module, ckpt: Checkpoint, *, device: str = "cpu", dtype: str = "auto", **engine_args: Any) -> InferenceEngine:
+    """An engine over a loaded ``model`` of the opened checkpoint ``ckpt``
+    (:class:`lmforge.checkpoint.Checkpoint`: its tokenizer; ``engine.checkpoint`` its path),
+    the model cast to the compute dtype of ``dtype`` (see :func:`load_engine`)."""
     quantized = getattr(model, "quantization", None) is not None
     compute = hardware.inference_dtype(dtype, device, quantized=quantized)
     if model.embed_tokens.weight.dtype != compute:  # e.g. a bf16 checkpoint computes in fp32 where bf16 is slow
         model = model.to(compute)
-    tokenizer = Tokenizer.from_file(path / "tokenizer.json")
-    engine = InferenceEngine(model, tokenizer, max_batch_size=max_batch_size, max_seq_len=max_seq_len, overflow=overflow,
-                             max_step_tokens=max_step_tokens, kv_cache_bytes=kv_cache_bytes)
-    engine.checkpoint = path
+    engine = InferenceEngine(model, ckpt.tokenizer(), **engine_args)
+    engine.checkpoint = ckpt.path
     return engine

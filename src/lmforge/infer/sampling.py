@@ -10,7 +10,9 @@ what evaluation harnesses expect.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -39,9 +41,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        # below 1e-5 (vLLM's sampling epsilon) a temperature is greedy: dividing logits by it
-        # would overflow to inf and make the softmax NaN
-        return self.temperature < 1e-5
+        return self.temperature < GREEDY_BELOW
 
     def validate(self, vocab_size: int | None = None) -> SamplingParams:
         """Raise ConfigError with one clear message for any impossible value."""
@@ -80,6 +80,67 @@ class SamplingParams:
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             bad(f"seed must be an integer, got {self.seed!r}")
         return self
+
+
+#: Below this a temperature is greedy (vLLM's sampling epsilon): dividing logits by it would
+#: overflow to inf and make the softmax NaN.
+GREEDY_BELOW = 1e-5
+
+
+def build_sampling_params(
+    *,
+    max_tokens: int,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    repetition_penalty: float | None = None,
+    presence_penalty: float | None = None,
+    frequency_penalty: float | None = None,
+    stop: Iterable[str] = (),
+    stop_token_ids: Iterable[int] = (),
+    ignore_eos: bool = False,
+    seed: int | None = None,
+    logprobs: int | None = None,
+    prompt_logprobs: int | None = None,
+    vocab_size: int | None = None,
+) -> SamplingParams:
+    """Validated :class:`SamplingParams` from user-facing values: the one place both the
+    server (a request's nullable fields) and the CLI (its flags) build them.
+
+    ``None`` means the setting's default (off); a temperature in [0, 1e-5) is greedy (0.0);
+    stop token ids are deduplicated and sorted. Raises ConfigError (one line) for any
+    impossible value, stop token ids outside ``vocab_size`` included.
+    """
+    if temperature is None:
+        temperature = 1.0
+    elif 0 <= temperature < GREEDY_BELOW:
+        temperature = 0.0
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_k=0 if top_k is None else top_k,
+        top_p=1.0 if top_p is None else top_p,
+        min_p=0.0 if min_p is None else min_p,
+        repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty,
+        presence_penalty=0.0 if presence_penalty is None else presence_penalty,
+        frequency_penalty=0.0 if frequency_penalty is None else frequency_penalty,
+        stop=list(stop),
+        stop_token_ids=sorted(set(stop_token_ids)),
+        ignore_eos=ignore_eos,
+        seed=seed,
+        logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
+    ).validate(vocab_size)
+
+
+def seeded(params: SamplingParams, n: int) -> list[SamplingParams]:
+    """``n`` copies of ``params`` with seeds seed, seed+1, ... (modulo 2**64, the range of a
+    torch generator's seed; unseeded stays unseeded), so a prompt's output does not depend on
+    the batch it ran in, and choice ``i`` of a request is reproducible."""
+    if params.seed is None:
+        return [params] * n
+    return [dataclasses.replace(params, seed=(params.seed + i) % (1 << 64)) for i in range(n)]
 
 
 @dataclass

@@ -18,6 +18,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+from ..checkpoint import list_checkpoints, resolve_checkpoint
 from ..errors import ConfigError, LmforgeError
 
 SMOLLM2 = "smollm2"
@@ -33,8 +34,6 @@ def smollm2_gguf() -> Path | None:
 
 
 def _is_checkpoint(p: Path) -> bool:
-    from ..train.checkpoint import list_checkpoints
-
     if (p / "model.safetensors").is_file() or (p / "adapter_model.safetensors").is_file():
         try:
             return json.loads((p / "config.json").read_text(encoding="utf-8")).get("format") == "lmforge"
@@ -68,8 +67,6 @@ def check_base(spec: str) -> None:
 def resolve_base(spec: str, out: str | Path) -> tuple[Path, str]:
     """``(checkpoint, description)`` of the model ``spec`` names, importing it into ``out`` when
     it is not an lmforge checkpoint already. Raises :class:`ConfigError` with what to do."""
-    from ..train.checkpoint import resolve_checkpoint
-
     out = Path(out)
     check_base(spec)
     if spec == SMOLLM2:

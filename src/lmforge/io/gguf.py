@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..checkpoint import Checkpoint, save_checkpoint
 from ..errors import LmforgeError
 from ..fileio import refuse_existing
 from ..model.gpt import GPT, GPTConfig, check_finite, check_state_dict
@@ -222,8 +223,6 @@ def import_gguf(path: str | Path, out: str | Path, *, overwrite: bool = False) -
     """Convert a ``llama``-architecture GGUF file into an lmforge checkpoint at ``out``
     (written atomically; an existing non-empty ``out`` is replaced only with ``overwrite``)."""
     gguf = _gguf()
-    from ..train.checkpoint import save_checkpoint
-
     refuse_existing(Path(out), overwrite)
     path = Path(path)
     if not path.is_file():
@@ -435,12 +434,12 @@ def export_gguf(ckpt: str | Path, out_path: str | Path, dtype: str = "f32", *, o
     (to a temporary name, renamed into place; an existing file is replaced only with ``overwrite``)."""
     gguf = _gguf()
     from ..model.quant import dequantize_model
-    from ..train.checkpoint import load_model, read_config
 
     Q = gguf.GGMLQuantizationType
     if dtype not in ("f32", "f16", "q8_0"):
         raise LmforgeError(f"GGUF dtype must be f32, f16 or q8_0, got {dtype!r}")
-    model, ckpt = load_model(ckpt)
+    opened = Checkpoint.open(ckpt)
+    model, ckpt, full_cfg = opened.load_model(), opened.path, opened.config
     dequantize_model(model)  # a weight-quantized checkpoint exports its dequantized weights
     cfg: GPTConfig = model.config
     problems = []
@@ -462,7 +461,6 @@ def export_gguf(ckpt: str | Path, out_path: str | Path, dtype: str = "f32", *, o
     tok_file = ckpt / "tokenizer.json"
     if not tok_file.is_file():
         raise LmforgeError(f"{ckpt} has no tokenizer.json, which GGUF files embed")
-    full_cfg = read_config(ckpt)
     tm = _tokenizer_metadata(tok_file, cfg.vocab_size, full_cfg.get("tokenizer") or {})
 
     sd = {k: v.detach().float() for k, v in model.state_dict().items()}

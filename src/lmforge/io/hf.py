@@ -35,22 +35,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from .. import __version__
+from ..checkpoint import SIDECAR_FILES, copy_sidecars, load_model, read_config, resolve_checkpoint
 from ..config import from_dict, to_dict
 from ..errors import LmforgeError
-from ..fileio import atomic_write_json, save_safetensors, staged_dir
+from ..fileio import atomic_write_json, read_json_object, save_safetensors, staged_dir
 from ..model.gpt import GPTConfig, check_finite, check_state_dict
+from ..model.hf_arch import hf_architecture
 from ..tokenizer.base import token_name
 
 ARCHITECTURES = ("GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
-
-#: Files besides the weights that travel with a model (tokenizer settings, chat template).
-SIDECAR_FILES = (
-    "tokenizer_config.json",
-    "generation_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "chat_template.json",
-)
 
 #: What a hub download fetches: never pickle weights.
 HUB_PATTERNS = [
@@ -64,28 +57,6 @@ HUB_PATTERNS = [
 
 # Defaults of the transformers config classes for keys a config.json may omit.
 _TIE_DEFAULT = {"GPT2LMHeadModel": True}
-
-
-# ----------------------------------------------------------------------------- helpers
-def _read_json(path: Path, what: str) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise LmforgeError(f"{path.parent} has no {path.name} ({what})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LmforgeError(f"{path} is not valid JSON: {e}") from None
-    except RecursionError:
-        raise LmforgeError(f"{path} is nested too deeply to be a configuration") from None
-    if not isinstance(data, dict):
-        raise LmforgeError(f"{path} is not a JSON object")
-    return data
-
-
-def copy_sidecars(src: Path, dst: Path) -> None:
-    """Copy the :data:`SIDECAR_FILES` that ``src`` has into ``dst``."""
-    for name in SIDECAR_FILES:
-        if (src / name).is_file():
-            shutil.copyfile(src / name, dst / name)
 
 
 # ------------------------------------------------------------------------------ import
@@ -112,7 +83,7 @@ def _resolve_source(src: str | Path) -> Path:
 def _load_hf_weights(src: Path) -> dict[str, torch.Tensor]:
     index = src / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = _read_json(index, "shard index").get("weight_map")
+        weight_map = read_json_object(index, "shard index").get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise LmforgeError(f"{index} has no weight_map")
         files = sorted(set(weight_map.values()))
@@ -325,7 +296,7 @@ def _special_tokens(src: Path, hf_cfg: dict[str, Any]) -> dict[str, Any]:
     """bos/eos/pad names and ids from tokenizer_config.json, falling back to config.json ids."""
     tok_cfg = {}
     if (src / "tokenizer_config.json").is_file():
-        tok_cfg = _read_json(src / "tokenizer_config.json", "tokenizer settings")
+        tok_cfg = read_json_object(src / "tokenizer_config.json", "tokenizer settings")
     vocab: dict[str, int] = {}
     try:
         spec = json.loads((src / "tokenizer.json").read_text(encoding="utf-8"))
@@ -359,7 +330,7 @@ def import_hf(src: str | Path, out: str | Path, *, overwrite: bool = False) -> P
     special_tokens_map.json when the source has them. Returns ``out``.
     """
     src_dir = _resolve_source(src)
-    hf_cfg = _read_json(src_dir / "config.json", "the model configuration")
+    hf_cfg = read_json_object(src_dir / "config.json", "the model configuration")
     try:
         arch, cfg, biases = _config_from_hf(hf_cfg, str(src_dir / "config.json"))
     except (TypeError, ValueError) as e:  # a value of the wrong kind (a list where a number belongs...)
@@ -387,23 +358,6 @@ def import_hf(src: str | Path, out: str | Path, *, overwrite: bool = False) -> P
 
 
 # ------------------------------------------------------------------------------ export
-def _hf_architecture(cfg: GPTConfig) -> str:
-    """The HF architecture that represents ``cfg`` exactly, or a clear error."""
-    if cfg.qk_norm:
-        raise LmforgeError("models with qk_norm cannot be exported to a supported Hugging Face architecture")
-    if cfg.pos_embedding == "learned" and cfg.norm == "layernorm" and cfg.mlp in ("gelu_tanh", "gelu"):
-        if cfg.n_kv_head != cfg.n_head or cfg.head_dim * cfg.n_head != cfg.n_embd:
-            raise LmforgeError("GPT-2 export needs n_kv_head == n_head and head_dim == n_embd / n_head")
-        return "GPT2LMHeadModel"
-    if cfg.pos_embedding == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu":
-        return "Qwen2ForCausalLM" if cfg.qkv_bias and not cfg.bias else "LlamaForCausalLM"
-    raise LmforgeError(
-        f"this model (pos_embedding={cfg.pos_embedding}, norm={cfg.norm}, mlp={cfg.mlp}) has no Hugging Face "
-        "equivalent: export needs learned positions + layernorm + gelu/gelu_tanh (GPT-2) or "
-        "rope + rmsnorm + swiglu (Llama / Qwen2)"
-    )
-
-
 def _to_gpt2(w: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:
     def b(key: str, n: int, like: torch.Tensor) -> torch.Tensor:
         return w[key] if key in w else torch.zeros(n, dtype=like.dtype)  # bias=False: exact zeros
@@ -491,15 +445,12 @@ def export_hf(ckpt: str | Path, out: str | Path, *, overwrite: bool = False) -> 
     tokenizer_config.json (copied from an imported checkpoint, else generated with the chat
     template if the checkpoint has one) and generation_config.json. Returns ``out``.
     """
-    from ..train.checkpoint import read_config, resolve_checkpoint
-
     path = resolve_checkpoint(ckpt)
     config = read_config(path)
     cfg = from_dict(GPTConfig, config["model"], "model")
-    arch = _hf_architecture(cfg)
+    arch = hf_architecture(cfg)
     if config.get("quantization"):  # weight-quantized: export the dequantized weights
         from ..model.quant import dequantize_model
-        from ..train.checkpoint import load_model
 
         model, _ = load_model(path)
         w = {k: v.detach() for k, v in dequantize_model(model).state_dict().items()}

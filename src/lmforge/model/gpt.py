@@ -20,7 +20,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
@@ -208,11 +208,21 @@ class Attention(nn.Module):
         self.impl: AttentionImpl = "auto"
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
+    # ---- extension points: set on an instance by the code named, None (the class default) on a
+    # plain model, where each costs one attribute read. Nothing else reaches into this module.
+
     #: Opt-in observer of the uncached forward (:mod:`lmforge.eval.attention`): when set on an
     #: instance, called with the post-rotary queries (B, H, T, D), the keys and values as
     #: attended (B, H, S, D: prefix-tuning keys first, GQA heads repeated) and the attention
-    #: output (B, H, T, D). None (the class default) costs one attribute read.
+    #: output (B, H, T, D).
     capture: Callable[..., None] | None = None
+
+    #: Prefix-tuning (:func:`lmforge.model.peft.prompts.attach_prefix`): returns this layer's
+    #: learned keys and values, (n_kv_head, P, head_dim) each, which every query attends to
+    #: before the tokens. The one source of the prefix: the uncached forward concatenates it
+    #: here, and :meth:`GPT.virtual_prefix_kv` hands the same tensors to the KV cache. A plain
+    #: attribute, not a submodule: ``GPT.prefix_encoder`` owns the parameters.
+    prefix: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, kv: LayerKV | None = None
@@ -230,7 +240,7 @@ class Attention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv is not None:
             return self.o_proj(self._cached_attention(q, k, v, kv).transpose(1, 2).reshape(B, T, -1))
-        prefix = self.__dict__.get("prefix")  # prefix-tuning: learned keys/values before the tokens
+        prefix = self.prefix  # prefix-tuning: learned keys/values before the tokens
         if prefix is not None:
             pk, pv = prefix()  # (n_kv_head, P, head_dim)
             k = torch.cat([pk.to(k.dtype).expand(B, -1, -1, -1), k], dim=2)
@@ -357,10 +367,48 @@ class GPT(nn.Module):
         head = self._modules.get("lm_head")
         return head(h) if head is not None else F.linear(h, self.embed_tokens.weight)
 
+    # ---- extension points (class defaults for a plain model; set on an instance by the code named)
+
     #: Leading virtual positions that precede every sequence: a soft prompt (prompt-tuning,
-    #: ``soft_prompt`` module) or learned per-layer keys/values (prefix-tuning, each
-    #: ``Attention.prefix``). Set by :mod:`lmforge.model.peft`; 0 for a plain model.
+    #: a ``soft_prompt`` submodule with ``embeddings`` (P, n_embd)) or learned per-layer
+    #: keys/values (prefix-tuning, each ``Attention.prefix``). Set by :mod:`lmforge.model.peft`.
     virtual_tokens: int = 0
+
+    #: The adapter a parameter-efficient method added (:class:`lmforge.model.peft.PeftHandle`),
+    #: set by ``apply_peft`` and cleared by ``merge_peft``.
+    peft: Any = None
+
+    # ``quantization`` (``{"method": "int8", ...}``) is set by lmforge.model.quant (quantize_model,
+    # apply_structure) along with its quantized linears, and absent on a plain model (what
+    # ``hasattr`` tells exporters and tests); config.json stores it.
+
+    def _trunk(
+        self, x: torch.Tensor, cache: CacheView | None = None, start: int = 0, input_lengths: list[int] | None = None
+    ) -> torch.Tensor:
+        """The one path through the model: input embeddings (B, T, n_embd) -> hidden states
+        before the final norm. Without a cache the tokens take positions ``start``,
+        ``start + 1``, ... (training, scoring); with one, each row continues its cache row
+        (its keys/values are written there, see :meth:`forward_cached`)."""
+        learned, rope = self.config.pos_embedding == "learned", None
+        if cache is None:
+            n = x.shape[1]
+            if learned:
+                x = x + self.embed_positions(torch.arange(start, start + n, device=x.device))
+            x = self.drop(x)
+            if self.config.pos_embedding == "rope":
+                rope = (self.rope_cos[start : start + n], self.rope_sin[start : start + n])
+        else:
+            cache.begin(x.shape[1], input_lengths)
+            pos = cache.positions  # (B, T): each row's own positions
+            if learned:
+                x = x + self.embed_positions(pos)
+            if self.config.pos_embedding == "rope":
+                rope = (self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1))  # (B, 1, T, D)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rope, None if cache is None else cache.layer(i))
+        if cache is not None:
+            cache.commit()
+        return x
 
     def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
         """Final normalised hidden states (B, T, n_embd) for token ids (B, T)."""
@@ -373,16 +421,7 @@ class GPT(nn.Module):
         start = 0 if soft is not None else P  # after a prefix, tokens take positions P, P+1, ...
         if soft is not None:
             x = torch.cat([soft.embeddings.to(x.dtype).expand(B, -1, -1), x], dim=1)
-        n = x.shape[1]
-        if self.config.pos_embedding == "learned":
-            x = x + self.embed_positions(torch.arange(start, start + n, device=idx.device))
-        x = self.drop(x)
-        rope = None
-        if self.config.pos_embedding == "rope":
-            rope = (self.rope_cos[start : start + n], self.rope_sin[start : start + n])
-        for layer in self.layers:
-            x = layer(x, rope)
-        x = self.norm(x)
+        x = self.norm(self._trunk(x, start=start))
         return x[:, P:] if soft is not None else x
 
     @torch.no_grad()
@@ -395,7 +434,7 @@ class GPT(nn.Module):
             return None
         soft = self._modules.get("soft_prompt")
         if soft is None:
-            pairs = [layer.attn.__dict__["prefix"]() for layer in self.layers]
+            pairs = [layer.attn.prefix() for layer in self.layers]
             return torch.stack([k for k, _ in pairs]), torch.stack([v for _, v in pairs])
         from .cache import KVCache
 
@@ -422,17 +461,8 @@ class GPT(nn.Module):
         ``embeds`` (B, T, n_embd) replaces the token embeddings (soft prompts).
         """
         x = self.embed_tokens(idx) if embeds is None else embeds
-        B, T = x.shape[:2]
-        cache.begin(T, input_lengths)
-        pos = cache.positions
-        if self.config.pos_embedding == "learned":
-            x = x + self.embed_positions(pos)
-        rope = None
-        if self.config.pos_embedding == "rope":
-            rope = (self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1))  # (B, 1, T, D)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, rope, cache.layer(i))
-        cache.commit()
+        B = x.shape[0]
+        x = self._trunk(x, cache, input_lengths=input_lengths)
         if logits == "none":
             return None
         if logits == "last":

@@ -40,7 +40,7 @@ State dict (also the on-disk layout of a quantized checkpoint; portable, kernel-
 The CPU kernel's packed int4 layout is built from these when weights are loaded (and
 rebuilt lazily after ``.to()``); it is never saved. ``model.quantization`` records the
 method (``{"method": "int4", "group_size": 32, "head": "int8"}``, plus ``"skip"`` when given); a checkpoint's
-config.json carries it as ``"quantization"`` and ``load_model`` rebuilds the modules from it.
+config.json carries it as ``"quantization"`` and :func:`lmforge.checkpoint.load_model` rebuilds the modules from it.
 """
 
 from __future__ import annotations
@@ -307,7 +307,7 @@ def _method_of(spec: dict[str, Any], name: str) -> str:
     return spec.get("head", "int8") if spec["method"] == "int4" and name == "lm_head" else spec["method"]
 
 
-def _spec(method: str, group_size: int, skip: Iterable[str], head: str = "int8") -> dict[str, Any]:
+def quant_spec(method: str, group_size: int, skip: Iterable[str], head: str = "int8") -> dict[str, Any]:
     _check_method(method)
     spec: dict[str, Any] = {"method": method}
     if method == "int4":
@@ -336,7 +336,7 @@ def quantize_model(
     41.40 (+0.3%)."""
     if getattr(model, "quantization", None):
         raise LmforgeError(f"the model is already quantized ({model.quantization['method']})")
-    spec = _spec(method, group_size, skip, head)
+    spec = quant_spec(method, group_size, skip, head)
     if method == "bf16":
         model.to(torch.bfloat16)
         model.quantization = spec
@@ -388,7 +388,7 @@ def read_spec(config: dict[str, Any], where: str) -> dict[str, Any] | None:
     if not isinstance(spec, dict) or "method" not in spec:
         raise LmforgeError(f"{where}: 'quantization' in config.json must be an object with a 'method'")
     try:
-        return _spec(spec["method"], spec.get("group_size", 32), spec.get("skip", ()), spec.get("head", "int8"))
+        return quant_spec(spec["method"], spec.get("group_size", 32), spec.get("skip", ()), spec.get("head", "int8"))
     except ConfigError as e:
         raise LmforgeError(f"{where}: config.json quantization: {e}") from None
 
@@ -441,38 +441,3 @@ def check_weights(model: nn.Module, weights: dict[str, torch.Tensor], where: str
             raise LmforgeError(f"{where}: {k} has shape {tuple(weights[k].shape)}, the quantized model needs {tuple(t.shape)}")
         if k.endswith((".weight_int8", ".weight_int4")) and weights[k].dtype != t.dtype:
             raise LmforgeError(f"{where}: {k} is {weights[k].dtype}, expected {t.dtype}")
-
-
-def quantize_checkpoint(
-    src: str | Path, out: str | Path, method: str, group_size: int = 32, *, overwrite: bool = False
-) -> Path:
-    """Write a quantized copy of checkpoint ``src`` (or a run's newest) to ``out``: weights,
-    config.json (with its ``quantization`` section and the source's other sections),
-    tokenizer.json and the tokenizer/chat-template side files. Atomic; an existing ``out``
-    is replaced only with ``overwrite``."""
-    from ..fileio import staged_dir
-    from ..io.hf import copy_sidecars
-    from ..train.checkpoint import (
-        load_model,
-        read_config,
-        resolve_checkpoint,
-        save_checkpoint,
-    )
-
-    _spec(method, group_size, ())
-    ckpt = resolve_checkpoint(src)
-    config = read_config(ckpt)
-    stored = read_spec(config, str(ckpt))
-    if stored is not None:
-        raise LmforgeError(f"{ckpt} is already quantized ({stored['method']}); quantize its full-precision checkpoint")
-    out = Path(out)
-    if out.resolve() == ckpt.resolve():
-        raise LmforgeError("the output must differ from the checkpoint being quantized")
-    with staged_dir(out, overwrite) as tmp:
-        model, _ = load_model(ckpt)
-        quantize_model(model, method, group_size)
-        extra = {k: v for k, v in config.items() if k not in ("format", "lmforge_version", "model", "quantization")}
-        tok = ckpt / "tokenizer.json"
-        save_checkpoint(tmp, model, tok if tok.is_file() else None, extra=extra)
-        copy_sidecars(ckpt, tmp)
-    return out

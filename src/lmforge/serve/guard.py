@@ -22,36 +22,36 @@ import math
 import re
 import time
 import uuid
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
+from .access import PROBES, public_paths
 from .auth import RateLimiter, bearer_token
 from .errors import error_bytes
 from .logs import LOGGER
 
 if TYPE_CHECKING:
-    from .app import ServeConfig
     from .metrics import ServerMetrics
+    from .state import ServeConfig
 
 log = logging.getLogger(LOGGER)
 
-PROBES = {"/health", "/ready"}
-PUBLIC_PATHS = {"/", *PROBES, "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc", "/favicon.ico"}
-KNOWN_PATHS = PUBLIC_PATHS | {"/metrics", "/v1/chat/completions", "/v1/completions", "/v1/models", "/tokenize",
-                              "/detokenize"}
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 
 class Guard:
     """Request ids, limits, API keys, throttles, status metrics, access logs (module docstring)."""
 
-    def __init__(self, app, config: ServeConfig, metrics: ServerMetrics) -> None:
+    def __init__(self, app, config: ServeConfig, metrics: ServerMetrics, known_paths: Iterable[str]) -> None:
+        """``known_paths``: the app's routes, the metrics' path labels (any other path is "other")."""
         self.app = app
         self.config = config
         self.metrics = metrics
         self.limiter = RateLimiter(config.rate_limit, config.rate_burst)
         # failed logins: auth_fail_limit a minute per client address, as many at once
         self.auth_throttle = RateLimiter(config.auth_fail_limit, config.auth_fail_limit or None)
-        self.public = set(PUBLIC_PATHS) | ({"/metrics"} if config.metrics_public or not config.api_keys.enabled else set())
+        self.public = public_paths(config)  # serve/access.py: the one declaration of what needs no key
+        self.known = frozenset(known_paths)
         self.active = 0  # requests in flight (this event loop only: no lock needed)
 
     async def _reply(self, send, status: int, message: str, type_: str, code: str, rid: str,
@@ -89,7 +89,7 @@ class Guard:
         finally:
             self.active -= 1
             status = status_box["status"]
-            label = path if path in KNOWN_PATHS else "other"
+            label = path if path in self.known else "other"
             dt = time.perf_counter() - t0
             self.metrics.http.labels(method, label, str(status)).inc()
             self.metrics.http_latency.labels(label).observe(dt)

@@ -60,3 +60,30 @@ class BodyMasker:
         if isinstance(value, list):
             return [self(v) for v in value]
         return value
+
+
+_log = logging.getLogger(LOGGER)
+
+
+def log_body(masker: BodyMasker | None, request_id: str, route: str, body: Any) -> None:
+    """The request body (a pydantic model), PII-masked, when the server logs bodies (``masker``)."""
+    if masker is not None:
+        _log.info("request body", extra={"fields": {
+            "event": "request_body", "request_id": request_id, "route": route,
+            "body": masker(body.model_dump(exclude_none=True)),
+        }})
+
+
+def log_completion(request_id: str, model: str, prompt_tokens: int, comps,
+                   completion_tokens: int | None = None) -> None:
+    """One line for a finished request: tokens, finish reasons and times (``comps``: its completions,
+    or None for a stream, which counts ``completion_tokens`` as it goes)."""
+    if completion_tokens is None:
+        completion_tokens = sum(len(c.token_ids) for c in comps)
+    fields = {"event": "completion", "request_id": request_id, "model": model,
+              "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}
+    if comps:
+        fields["finish_reasons"] = sorted({c.finish_reason for c in comps})
+        fields["ttft_s"] = round(max(c.time_to_first_token for c in comps), 4)
+        fields["latency_s"] = round(max(c.latency for c in comps), 4)
+    _log.info("completion", extra={"fields": fields})

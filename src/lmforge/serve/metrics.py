@@ -8,13 +8,18 @@ are exact whenever they are looked at.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
-if TYPE_CHECKING:
-    from .scheduler import Scheduler
+
+class Load(Protocol):
+    """What the gauges read of the scheduler (a protocol: the scheduler imports this module)."""
+
+    engines: dict[str, Any]  # by model name: InferenceEngine (num_running, waiting)
+
+    def submitted(self) -> int: ...
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -24,14 +29,13 @@ _BATCH = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 class _EngineCollector:
-    def __init__(self, scheduler: Scheduler) -> None:
+    def __init__(self, scheduler: Load) -> None:
         self.scheduler = scheduler
 
     def collect(self):
         running = GaugeMetricFamily("lmforge_requests_running", "Requests in the batch now (KV-cache rows)", labels=["model"])
         waiting = GaugeMetricFamily("lmforge_requests_waiting", "Requests queued for a batch row", labels=["model"])
-        with self.scheduler._lock:
-            pending = self.scheduler._pending
+        pending = self.scheduler.submitted()
         for name, e in self.scheduler.engines.items():
             running.add_metric([name], e.num_running)
             waiting.add_metric([name], len(e.waiting))
@@ -83,7 +87,7 @@ class ServerMetrics:
             registry=r,
         )
 
-    def attach(self, scheduler: Scheduler) -> None:
+    def attach(self, scheduler: Load) -> None:
         self.registry.register(_EngineCollector(scheduler))
         for name in scheduler.engines:  # every series shows (at 0) before its first event
             for m in (self.prompt_tokens, self.generation_tokens, self.aborted, self.ttft, self.itl, self.e2e,

@@ -139,10 +139,13 @@ class Scheduler:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def in_flight(self) -> int:
+    def submitted(self) -> int:
+        """Sequences handed to the engine loop, not yet queued by an engine."""
         with self._lock:
-            pending = self._pending
-        return pending + sum(e.num_running + len(e.waiting) for e in self.engines.values())
+            return self._pending
+
+    def in_flight(self) -> int:
+        return self.submitted() + sum(e.num_running + len(e.waiting) for e in self.engines.values())
 
     def readiness(self) -> tuple[bool, str]:
         """(ready, why not): the loop runs and comes round, and no model is faulty."""
@@ -180,9 +183,7 @@ class Scheduler:
 
     def waiting_count(self, model: str | None = None) -> int:
         engines = [self.engines[model]] if model else list(self.engines.values())
-        with self._lock:
-            pending = self._pending
-        return pending + sum(len(e.waiting) for e in engines)
+        return self.submitted() + sum(len(e.waiting) for e in engines)
 
     def submit(
         self,

@@ -3,7 +3,6 @@
 from .base import DEFAULT_SPECIAL_TOKENS, EOT, PAD, TOKENIZER_FILE, UNK, Tokenizer, normalize_special_tokens
 from .bpe import check_bpe_settings, min_bpe_vocab_size, train_bpe
 from .char import build_char
-from .train import TokenizerTrainConfig, run_train
 
 __all__ = [
     "DEFAULT_SPECIAL_TOKENS",
@@ -12,11 +11,9 @@ __all__ = [
     "TOKENIZER_FILE",
     "UNK",
     "Tokenizer",
-    "TokenizerTrainConfig",
     "build_char",
     "check_bpe_settings",
     "min_bpe_vocab_size",
     "normalize_special_tokens",
-    "run_train",
     "train_bpe",
 ]

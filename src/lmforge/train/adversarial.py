@@ -23,17 +23,14 @@ from typing import Any
 
 import torch
 
+from ..checkpoint import load_model, read_config, resolve_checkpoint
 from ..config import to_dict
 from ..data.examples import ExampleFormat
 from ..errors import ConfigError
 from ..model.peft import PeftConfig, apply_peft, store_frozen_in, trainable_summary
-from .checkpoint import (
-    check_fresh_run,
-    load_model,
-    read_config,
-    resolve_checkpoint,
-)
-from .engine import Engine, TrainConfig, autocast_dtype, resolve_train_precision
+from ..runs.tracking import LogConfig
+from .engine import Engine, TrainConfig, autocast_dtype, check_parallel, resolve_train_precision
+from .hooks import EngineHook, peft_hooks
 from .objectives.adversarial import (
     AdversarialConfig,
     AdversarialObjective,
@@ -42,7 +39,8 @@ from .objectives.adversarial import (
     write_samples,
 )
 from .objectives.dpo import reference_for
-from .tracking import LogConfig
+from .saving import SaveSpec
+from .state import check_fresh_run
 
 
 @dataclass
@@ -157,6 +155,7 @@ def run_adversarial(cfg: AdversarialRunConfig, resume: bool = False) -> dict[str
     if not cfg.base:
         raise ConfigError("no generator: set base=CHECKPOINT (a chat checkpoint or run directory)")
     out = Path(cfg.out_dir)
+    check_parallel(cfg.train)
     check_fresh_run(out, resume, cfg.overwrite)
     base = resolve_checkpoint(cfg.base)
     disc_path = resolve_checkpoint(cfg.discriminator or cfg.base)
@@ -195,14 +194,13 @@ def run_adversarial(cfg: AdversarialRunConfig, resume: bool = False) -> dict[str
                                              "peft": peft.method}}
     if "tokenizer" in base_config:
         extra["tokenizer"] = base_config["tokenizer"]
-    hooks: list[Any] = [objective, disc]
-    if getattr(generator, "peft", None) is not None:
-        hooks.append(generator.peft)
+    hooks: list[EngineHook] = [objective, disc, *peft_hooks(generator)]
     train_cfg = replace(cfg.train, eval_at_start=True)
     engine = Engine(
-        generator, objective, train_cfg, out, log=cfg.log, tokenizer_file=base / "tokenizer.json",
-        run_config=to_dict(replace(cfg, peft=peft)), hooks=hooks, checkpoint_extra=extra,
-        sidecars_from=base, base_checkpoint=base if peft.method != "none" else None,
+        generator, objective, train_cfg, out, log=cfg.log,
+        saving=SaveSpec(tokenizer_file=base / "tokenizer.json", extra=extra, sidecars_from=base,
+                        base_checkpoint=base if peft.method != "none" else None),
+        run_config=to_dict(replace(cfg, peft=peft)), hooks=hooks,
     )
     disc.attach(engine, objective)
     engine.start(resume, cfg.overwrite)

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError, DataError
+from .hooks import EngineHook
 from .objectives.base import Batch, Objective, RunContext
 
 #: Steps the Fisher estimate draws its old batches from: far beyond any training step, so the
@@ -67,6 +68,12 @@ class ContinualConfig:
     @property
     def enabled(self) -> bool:
         return bool(self.replay_data) or self.l2 > 0 or self.ewc > 0
+
+
+def whole_parameter_readers(cfg: ContinualConfig) -> list[str]:
+    """The penalties ``cfg`` turns on, which read whole parameters outside the forward (FSDP
+    cannot run them: :func:`lmforge.train.engine.check_parallel`)."""
+    return [f"continual.{name}" for name in ("l2", "ewc") if getattr(cfg, name) > 0]
 
 
 # ------------------------------------------------------------------------------------ replay
@@ -169,12 +176,12 @@ class ReplayObjective(Objective):
 
 # --------------------------------------------------------------------------------- penalties
 def _trained(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
-    from .checkpoint import unwrap
+    from ..checkpoint import unwrap
 
     return [(n, p) for n, p in unwrap(model).named_parameters() if p.requires_grad]
 
 
-class L2Anchor:
+class L2Anchor(EngineHook):
     """Engine hook: ``weight * sum((theta - theta0)^2)`` over the trained parameters, with
     ``theta0`` their values when the hook is made (the start of the run)."""
 

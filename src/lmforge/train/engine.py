@@ -25,29 +25,26 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .. import hardware
+from ..checkpoint import list_checkpoints, recover_checkpoints, unwrap
 from ..config import to_dict
 from ..hardware import autocast_dtype
 from ..errors import ConfigError, LmforgeError
+from ..runs.tracking import RUN_LOGS, LogConfig, RunLogger, set_aside_previous_run, trim_metrics
 from .budget import TimeBudget, estimate_save_s
-from .checkpoint import (
-    list_checkpoints,
-    load_training_state,
-    recover_checkpoints,
-    save_checkpoint,
-    save_sharded_optimizer,
-    unwrap,
-)
 from .distributed import (
     DistInfo,
     all_reduce_sum,
     gathered,
     init_distributed,
+    launched,
     shard_model,
 )
+from .hooks import EngineHook
 from .objectives.base import Objective, RunContext
 from .optim import build_optimizer
+from .saving import SaveSpec
 from .schedule import lr_multiplier
-from .tracking import RUN_LOGS, LogConfig, RunLogger, set_aside_previous_run, trim_metrics
+from .state import load_training_state, save_sharded_optimizer, save_training_checkpoint
 
 
 #: Seconds the report card takes after the last checkpoint (matplotlib and the plots of
@@ -115,6 +112,23 @@ class TrainConfig:
             raise ValueError(f"train.max_minutes must be a number of minutes >= 0 (0: no budget), got {self.max_minutes}")
 
 
+def check_parallel(cfg: TrainConfig, whole_parameter_readers: Sequence[str] = ()) -> None:
+    """Refuse what train.parallel=fsdp cannot run, before the process group starts or anything is
+    written (the engine calls it first; the stages call it before they touch out_dir).
+    ``whole_parameter_readers``: the run's features that read whole parameters outside the
+    forward (AdaLoRA's allocator, the continual penalties), where FSDP holds shards."""
+    if cfg.parallel != "fsdp" or not launched().enabled:
+        return
+    if cfg.precision == "fp16":
+        raise ConfigError("train.parallel=fsdp does not support train.precision=fp16 (the loss scaler's "
+                          "overflow check would see one shard per process); use bf16")
+    if cfg.compile:
+        raise ConfigError("train.compile=true is not supported with train.parallel=fsdp; use ddp to compile")
+    if whole_parameter_readers:
+        raise ConfigError(f"train.parallel=fsdp does not support {' or '.join(whole_parameter_readers)}: they read "
+                          "whole parameters outside the forward, where FSDP holds shards; use train.parallel=ddp")
+
+
 def resolve_train_precision(cfg: TrainConfig) -> str:
     """``cfg.precision`` resolved for the device the run will use (``auto`` -> fp32|bf16|fp16)."""
     return hardware.resolve_precision(cfg.precision, cfg.device)
@@ -167,39 +181,32 @@ class Engine:
         out_dir: str | Path,
         *,
         log: LogConfig | None = None,
-        tokenizer_file: str | Path | None = None,
+        saving: SaveSpec | None = None,
         run_config: dict[str, Any] | None = None,
-        hooks: list[Any] | None = None,
-        checkpoint_extra: dict[str, Any] | None = None,
-        sidecars_from: str | Path | None = None,
-        base_checkpoint: str | Path | None = None,
+        hooks: Sequence[EngineHook] = (),
         clock: Callable[[], float] | None = None,
     ):
-        """``hooks``: objects with optional ``extra_loss()`` (a term added to every micro-batch's
-        loss, e.g. AdaLoRA's orthogonality penalty), ``after_step(step)`` (called after the
-        optimizer step with the gradients still present, e.g. AdaLoRA's rank allocation) and
-        ``metrics()`` (logged with the train metrics), ``on_save(path)`` / ``on_resume(path)``
-        (a checkpoint was written / is being resumed: state the hook owns, e.g. the adversarial
-        discriminator, goes in or comes from that directory). ``checkpoint_extra`` goes into every
-        checkpoint's config.json; ``sidecars_from`` and ``base_checkpoint`` as in
-        :func:`~lmforge.train.checkpoint.save_checkpoint`. ``clock`` (seconds, monotonic; default
+        """``saving``: what every checkpoint carries besides the weights and training state
+        (:class:`~lmforge.train.saving.SaveSpec`). ``hooks``: :class:`~lmforge.train.hooks.EngineHook`
+        objects (extra loss terms, calls after each optimizer step, metrics, and checkpoint
+        save/resume of the state they own). ``clock`` (seconds, monotonic; default
         ``time.perf_counter``) times the run for ``train.max_minutes`` (tests inject their own)."""
+        check_parallel(cfg)
         self.clock = clock or time.perf_counter
         self._now = self.clock()  # the clock at the end of the last timed segment (step, evaluation, checkpoint)
         self.cfg = cfg
-        self.hooks = list(hooks or [])
-        self.checkpoint_extra = dict(checkpoint_extra or {})
-        self.sidecars_from = sidecars_from
-        self.base_checkpoint = base_checkpoint
+        self.hooks: list[EngineHook] = list(hooks)
+        self.saving = saving or SaveSpec()
         self.out_dir = Path(out_dir)
         self.log_cfg = log or LogConfig()
-        self.tokenizer_file = tokenizer_file
         self.run_config = run_config or {}
         self.objective = objective
 
-        probe = "cuda" if cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
-        self.dist = init_distributed(probe)
-        self.device = resolve_device(cfg.device, self.dist)
+        # the device and precision are resolved (and an unusable one refused) before the process group starts
+        self.device = resolve_device(cfg.device, launched())
+        self.precision = hardware.resolve_precision(cfg.precision, self.device)
+        self.amp_dtype = autocast_dtype(self.precision)
+        self.dist = init_distributed(self.device.type)
         self.threads: hardware.LoadWatcher | None = None
         if self.device.type == "cpu":  # usable cores (affinity, cgroup quota) split over torchrun's processes,
             # fewer while other processes keep cores busy (hardware.LoadWatcher)
@@ -209,19 +216,12 @@ class Engine:
             torch.set_num_threads(self.threads.threads())
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True)
-        self.precision = hardware.resolve_precision(cfg.precision, self.device)
-        self.amp_dtype = autocast_dtype(self.precision)
 
         self.model = model.to(self.device)
         self.sharded = self.dist.enabled and cfg.parallel == "fsdp"
         if self.sharded:
-            if self.precision == "fp16" and cfg.precision == "auto":  # a GPU without bf16: FSDP runs fp32
+            if self.precision == "fp16":  # auto on a GPU without bf16 (check_parallel refused an explicit fp16): fp32
                 self.precision, self.amp_dtype = "fp32", None
-            if self.precision == "fp16":
-                raise ConfigError("train.parallel=fsdp does not support train.precision=fp16 (the loss scaler's "
-                                  "overflow check would see one shard per process); use bf16")
-            if cfg.compile:
-                raise ConfigError("train.compile=true is not supported with train.parallel=fsdp; use ddp to compile")
             shard_model(self.model, self.amp_dtype)  # in place; the optimizer then holds the shards
         self.optimizer = build_optimizer(self.model, cfg, self.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
@@ -280,7 +280,7 @@ class Engine:
             diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
             raise ConfigError(f"cannot resume {ckpt}: the model settings differ ({', '.join(diff)})")
         if getattr(net, "peft", None) is not None:  # an adapter checkpoint: only the trained tensors
-            from ..model.peft.io import read_adapter_weights
+            from ..checkpoint import read_adapter_weights
 
             weights = read_adapter_weights(ckpt, net, net.peft.cfg, device=str(self.device))
             missing, unexpected = self._load_weights(weights, strict=False)
@@ -294,8 +294,7 @@ class Engine:
         self.step = int(state["step"])
         self._resume_budget(state.get("budget"))
         for hook in self.hooks:
-            if hasattr(hook, "on_resume"):
-                hook.on_resume(ckpt)
+            hook.on_resume(ckpt)
         return ckpt
 
     def _resume_budget(self, saved: dict[str, Any] | None) -> None:
@@ -317,8 +316,7 @@ class Engine:
     def _set_max_steps(self, n: int) -> None:
         self.max_steps = n
         for hook in self.hooks:  # e.g. AdaLoRA's rank schedule follows the run's length
-            if hasattr(hook, "on_plan"):
-                hook.on_plan(n)
+            hook.on_plan(n)
 
     def _lap(self) -> float:
         """Seconds since the last timed segment ended (one clock reading per segment, so an
@@ -457,21 +455,20 @@ class Engine:
             budget = self.budget.state(self._now) if self.budget is not None else getattr(self, "_saved_budget", None)
             if budget:
                 state["budget"] = budget
-            save_checkpoint(
+            save_training_checkpoint(
                 path,
                 self.model,
-                self.tokenizer_file,
+                self.saving.tokenizer_file,
                 optimizer=self.optimizer,
                 trainer_state=state,
-                extra={**self.checkpoint_extra, "step": self.step, "run": self.run_config},
-                sidecars_from=self.sidecars_from,
-                base_checkpoint=self.base_checkpoint,
+                extra={**self.saving.extra, "step": self.step, "run": self.run_config},
+                sidecars_from=self.saving.sidecars_from,
+                base_checkpoint=self.saving.base_checkpoint,
                 weights=weights,
                 sharded_optimizer=shards,
             )
             for hook in self.hooks:
-                if hasattr(hook, "on_save"):
-                    hook.on_save(path)
+                hook.on_save(path)
             for old in list_checkpoints(self.out_dir)[: -self.cfg.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
         if self.dist.enabled:
@@ -505,12 +502,12 @@ class Engine:
         tables: Sequence[tuple[str, str]] = (),
         notes: str = "",
     ) -> Path | None:
-        """The run's report card, ``out_dir/report.md`` (:func:`lmforge.eval.report.write_report`:
+        """The run's report card, ``out_dir/report.md`` (:func:`lmforge.runs.report.write_report`:
         summary, curves from metrics.jsonl, the given figures and tables, the config), on the
         main rank when ``log.report`` is set. A failure is a warning: it never fails the run."""
         if not (self.dist.is_main and self.log_cfg.report):
             return None
-        from ..eval.report import write_report
+        from ..runs.report import write_report
 
         try:
             return write_report(
@@ -574,7 +571,7 @@ class Engine:
                 with nullcontext() if sync or self.sharded else self.forward_model.no_sync():
                     with self.autocast():
                         loss, metrics = self.objective.loss(self.forward_model, batch)
-                        extra = [t for h in self.hooks if (t := getattr(h, "extra_loss", lambda: None)()) is not None]
+                        extra = [t for h in self.hooks if (t := h.extra_loss()) is not None]
                     if extra:
                         loss = loss + sum(extra)
                     scaled = loss * (weights[m] / total_w * dist.world_size)
@@ -595,8 +592,7 @@ class Engine:
             else:
                 self.optimizer.step()
             for hook in self.hooks:
-                if hasattr(hook, "after_step"):
-                    hook.after_step(self.step + 1)
+                hook.after_step(self.step + 1)
             self.optimizer.zero_grad()
             self.step += 1
             step_tokens *= dist.world_size
@@ -632,7 +628,7 @@ class Engine:
                 if grad_norm is not None:  # under FSDP a replicated DTensor
                     row["grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
                 for hook in self.hooks:
-                    row.update(getattr(hook, "metrics", dict)())
+                    row.update(hook.metrics())
                 if hasattr(net, "flops_per_token"):
                     row["tflops"] = tps * net.flops_per_token() / 1e12
                 logger.log(self.step, "train", row)

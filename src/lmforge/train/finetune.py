@@ -19,21 +19,19 @@ from typing import Any, Literal
 
 import torch
 
+from ..checkpoint import load_model, read_config, resolve_checkpoint
 from ..config import to_dict
 from ..errors import ConfigError
 from ..model.peft import PeftConfig, apply_peft, store_frozen_in, trainable_summary
-from .checkpoint import (
-    check_fresh_run,
-    load_model,
-    read_config,
-    resolve_checkpoint,
-)
-from .continual import ContinualConfig, describe, make_penalties, replay_sft_objective
-from .engine import Engine, TrainConfig, autocast_dtype, resolve_train_precision
+from ..runs.tracking import LogConfig
+from .continual import ContinualConfig, describe, make_penalties, replay_sft_objective, whole_parameter_readers
+from .engine import Engine, TrainConfig, autocast_dtype, check_parallel, resolve_train_precision
+from .hooks import peft_hooks
 from .objectives.classify import ClassifyConfig, ClassifyObjective
 from .objectives.dpo import DPOConfig, DPOObjective, reference_for
 from .objectives.sft import SFTConfig, SFTObjective
-from .tracking import LogConfig
+from .saving import SaveSpec
+from .state import check_fresh_run
 
 
 @dataclass
@@ -158,7 +156,11 @@ def run_finetune(cfg: FinetuneConfig, resume: bool = False) -> dict[str, Any]:
 
     if not cfg.base:
         raise ConfigError("no base model: set base=CHECKPOINT (a checkpoint or run directory)")
+    if cfg.continual.replay_data and cfg.objective != "sft":
+        raise ConfigError("continual.replay_data (replay of old conversations) works with objective=sft")
     out = Path(cfg.out_dir)
+    adalora = ["peft.method=adalora"] if cfg.peft.method == "adalora" else []
+    check_parallel(cfg.train, adalora + whole_parameter_readers(cfg.continual))
     check_fresh_run(out, resume, cfg.overwrite)
     base = resolve_checkpoint(cfg.base)
     base_config = read_config(base)
@@ -184,8 +186,6 @@ def run_finetune(cfg: FinetuneConfig, resume: bool = False) -> dict[str, Any]:
         store_frozen_in(model, compute)
     context = model.config.context_length - model.virtual_tokens
 
-    if cfg.continual.replay_data and cfg.objective != "sft":
-        raise ConfigError("continual.replay_data (replay of old conversations) works with objective=sft")
     if cfg.objective == "sft":
         objective = SFTObjective(train_ex, val_ex, tokenizer, template, cfg.sft, context)
         objective = replay_sft_objective(cfg.continual, objective, tokenizer, template, cfg.sft, context, cfg.train.seed)
@@ -208,16 +208,11 @@ def run_finetune(cfg: FinetuneConfig, resume: bool = False) -> dict[str, Any]:
         cfg.train,
         out,
         log=cfg.log,
-        tokenizer_file=base / "tokenizer.json",
+        saving=SaveSpec(tokenizer_file=base / "tokenizer.json", extra=extra, sidecars_from=base,
+                        base_checkpoint=base if peft.method != "none" else None),
         run_config=run_config,
-        hooks=[model.peft] if getattr(model, "peft", None) is not None else [],
-        checkpoint_extra=extra,
-        sidecars_from=base,
-        base_checkpoint=base if peft.method != "none" else None,
+        hooks=peft_hooks(model),
     )
-    if engine.sharded and (peft.method == "adalora" or cfg.continual.l2 > 0 or cfg.continual.ewc > 0):
-        raise ConfigError("train.parallel=fsdp does not support peft.method=adalora or continual.l2/ewc: they read "
-                          "whole parameters outside the forward, where FSDP holds shards; use train.parallel=ddp")
     if cfg.continual.enabled:  # theta0 / Fisher: the weights the run starts from, before a resume
         engine.hooks.extend(make_penalties(cfg.continual, engine.model, engine.objective, engine.autocast,
                                            verbose=engine.dist.is_main))
@@ -281,7 +276,7 @@ def run_finetune(cfg: FinetuneConfig, resume: bool = False) -> dict[str, Any]:
 def _classification_report(objective: ClassifyObjective, predictions: tuple[list[int], list[int]], out: Path) -> tuple[dict[str, Any], str]:
     """(headline metrics, the report as markdown) of ``predictions`` (true, predicted) on the
     held-out set; writes classification.json/.md and the confusion-matrix PNG into ``out``."""
-    from ..eval.metrics import (
+    from ..runs.metrics import (
         classification_report,
         format_report_markdown,
         plot_confusion_matrix,

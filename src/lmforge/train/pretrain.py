@@ -9,21 +9,24 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import load_model, read_config
 from ..config import to_dict
 from ..data.shards import load_meta
 from ..errors import ConfigError
 from ..model.gpt import GPT, GPTConfig
-from .checkpoint import check_fresh_run, load_model, read_config
+from ..runs.tracking import LogConfig
 from .continual import (
     ContinualConfig,
     describe,
     make_penalties,
     replay_lm_objective,
     same_vocabulary,
+    whole_parameter_readers,
 )
-from .engine import Engine, FitResult, TrainConfig
+from .engine import Engine, FitResult, TrainConfig, check_parallel
 from .objectives.lm import LMObjective
-from .tracking import LogConfig
+from .saving import SaveSpec
+from .state import check_fresh_run
 
 
 @dataclass
@@ -50,6 +53,7 @@ def model_config_for_data(cfg: PretrainConfig) -> GPTConfig:
 
 def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> FitResult:
     out = Path(cfg.out_dir)
+    check_parallel(cfg.train, whole_parameter_readers(cfg.continual))
     check_fresh_run(out, resume, cfg.overwrite)
     torch.manual_seed(cfg.train.seed)
     if cfg.init_from:
@@ -67,12 +71,9 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> FitResult:
         cfg.train,
         out,
         log=cfg.log,
-        tokenizer_file=lm.tokenizer_file,
+        saving=SaveSpec(tokenizer_file=lm.tokenizer_file),
         run_config=run_config,
     )
-    if engine.sharded and (cfg.continual.l2 > 0 or cfg.continual.ewc > 0):
-        raise ConfigError("train.parallel=fsdp does not support continual.l2/ewc: the penalties read whole parameters "
-                          "outside the forward, where FSDP holds shards; use train.parallel=ddp")
     if cfg.continual.enabled:
         # theta0 and the EWC Fisher are the weights the run starts from (before a resume loads later ones)
         engine.hooks.extend(make_penalties(cfg.continual, engine.model, engine.objective, engine.autocast,

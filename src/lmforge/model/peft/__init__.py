@@ -2,7 +2,8 @@
 
 :func:`apply_peft` freezes a loaded :class:`~lmforge.model.gpt.GPT` and adds the trainable
 parts of one method; the model then trains with the ordinary engine, and
-:func:`~lmforge.model.peft.io.save_adapter` writes only those parts.
+:func:`lmforge.checkpoint.adapters.save_adapter` writes only those parts (adapter files are a
+checkpoint matter: :mod:`lmforge.checkpoint.adapters`).
 
 =========  ==================================================================  =========
 method     what trains                                                          merges
@@ -309,18 +310,20 @@ def adapters_disabled(model) -> Iterator[None]:
         yield
         return
     saved_virtual = model.virtual_tokens
-    prefixes = {i: layer.attn.__dict__.pop("prefix") for i, layer in enumerate(model.layers) if "prefix" in layer.attn.__dict__}
+    prefixes = {i: layer.attn.prefix for i, layer in enumerate(model.layers) if layer.attn.prefix is not None}
     soft = model._modules.pop("soft_prompt", None)
     flags = [(layer, layer.disabled) for layer in handle.layers if hasattr(layer, "disabled")]
     try:
         model.virtual_tokens = 0
+        for i in prefixes:
+            model.layers[i].attn.prefix = None
         for layer, _ in flags:
             layer.disabled = True
         yield
     finally:
         model.virtual_tokens = saved_virtual
         for i, fn in prefixes.items():
-            model.layers[i].attn.__dict__["prefix"] = fn
+            model.layers[i].attn.prefix = fn
         if soft is not None:
             model._modules["soft_prompt"] = soft
         for layer, was in flags:
@@ -358,11 +361,7 @@ def merge_peft(model):
     return model
 
 
-from .io import load_adapter, save_adapter  # noqa: E402  (io builds on the definitions above)
-
 __all__ = [
-    "load_adapter",
-    "save_adapter",
     "PeftConfig",
     "PeftHandle",
     "apply_peft",

@@ -5,7 +5,7 @@ lmforge fuses q/k/v into ``attn.qkv_proj`` and gate/up into ``mlp.gate_up_proj``
 wraps one base linear and holds one low-rank update per *output slice*: targeting q and v on
 ``qkv_proj`` gives the q rows and the v rows their own ``lora_A``/``lora_B``, exactly the
 separate adapters PEFT puts on Hugging Face's separate ``q_proj`` and ``v_proj`` (so saved
-adapters load into ``peft`` unchanged, see :mod:`lmforge.model.peft.io`). The down-projections
+adapters load into ``peft`` unchanged, see :mod:`lmforge.checkpoint.adapters`). The down-projections
 of all slices run as one matmul (their ``A`` stacked), the up-projections per slice.
 
 The base may be an ``nn.Linear`` or a frozen :class:`~lmforge.model.quant.Int8Linear` /

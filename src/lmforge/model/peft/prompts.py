@@ -82,7 +82,7 @@ def attach_prefix(model, keys: torch.Tensor, values: torch.Tensor) -> PrefixEnco
     enc = PrefixEncoder(keys, values)
     model.prefix_encoder = enc
     for i, layer in enumerate(model.layers):
-        layer.attn.__dict__["prefix"] = enc.layer(i)  # a plain attribute: no second registration
+        layer.attn.prefix = enc.layer(i)  # the declared extension point (a function: no second registration)
     model.virtual_tokens = keys.shape[2]
     return enc
 
@@ -93,5 +93,5 @@ def detach_virtual_tokens(model) -> None:
         if name in model._modules:
             del model._modules[name]
     for layer in model.layers:
-        layer.attn.__dict__.pop("prefix", None)
+        layer.attn.prefix = None
     model.virtual_tokens = 0

@@ -50,9 +50,10 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
+from ...data.encoding import pad_batch
 from ...errors import ConfigError, DataError
+from ..hooks import EngineHook
 from .base import Batch, Objective
-from .batching import pad_batch
 from .dpo import end_of_turn_id
 
 HUMAN, GENERATED = 1, 0
@@ -193,7 +194,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool) -> tor
 
 
 # ---- the discriminator -------------------------------------------------------------------------
-class DiscriminatorTrainer:
+class DiscriminatorTrainer(EngineHook):
     """Trains the discriminator; an engine hook (``after_step``, ``metrics``, ``on_save``,
     ``on_resume``). The generator's engine is given by :meth:`attach`: its precision,
     gradient clipping and learning-rate schedule apply to the discriminator's steps too."""
@@ -296,15 +297,15 @@ class DiscriminatorTrainer:
         return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
 
     def on_save(self, path: Path) -> None:
-        from ..checkpoint import save_checkpoint
+        from ..state import save_training_checkpoint
 
-        save_checkpoint(Path(path) / "discriminator", self.model, self.tokenizer_file, optimizer=self.optimizer,
+        save_training_checkpoint(Path(path) / "discriminator", self.model, self.tokenizer_file, optimizer=self.optimizer,
                         trainer_state={"role": "discriminator"}, extra={"adversarial": {"role": "discriminator"}})
 
     def on_resume(self, path: Path) -> None:
         from safetensors.torch import load_file
 
-        from ..checkpoint import load_training_state
+        from ..state import load_training_state
 
         d = Path(path) / "discriminator"
         if not (d / "model.safetensors").is_file():
@@ -316,7 +317,7 @@ class DiscriminatorTrainer:
 
 
 # ---- the generator's objective ----------------------------------------------------------------
-class AdversarialObjective(Objective):
+class AdversarialObjective(Objective, EngineHook):
     name = "adversarial"
 
     def __init__(

@@ -13,7 +13,6 @@ from __future__ import annotations
 from functools import lru_cache
 
 import numpy as np
-import torch
 
 
 class BatchPlan:
@@ -50,13 +49,3 @@ class BatchPlan:
     def global_indices(self, step: int) -> np.ndarray:
         epoch, k = divmod(step, self.per_epoch)
         return self._epoch(epoch)[k]
-
-
-def pad_batch(rows: list[list[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token rows into (B, T) and their lengths (B,)."""
-    T = max(len(r) for r in rows)
-    out = torch.full((len(rows), T), pad, dtype=torch.long)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-    lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
-    return out.to(device), lengths.to(device)

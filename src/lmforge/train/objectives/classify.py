@@ -2,7 +2,7 @@
 (``GPT.classify``, the GPT2ForSequenceClassification design), optional class weights.
 
 Evaluation reports accuracy and macro / micro F1 on the held-out examples
-(:func:`lmforge.eval.metrics.classification_report`); :meth:`ClassifyObjective.predict`
+(:func:`lmforge.runs.metrics.classification_report`); :meth:`ClassifyObjective.predict`
 gives the predictions for the final report and confusion matrix.
 """
 
@@ -15,9 +15,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ...data.encoding import encode_texts, pad_batch
 from ...errors import DataError
 from .base import Batch, Objective, eval_batches
-from .batching import BatchPlan, pad_batch
+from .batching import BatchPlan
 
 
 @dataclass
@@ -32,19 +33,6 @@ class ClassifyConfig:
             raise ValueError("classify.template must contain {text}")
         if self.max_length < 1:
             raise ValueError(f"classify.max_length must be positive, got {self.max_length}")
-
-
-def encode_texts(tokenizer, texts: list[str], template: str, max_len: int) -> tuple[list[list[int]], int]:
-    """Token rows of ``texts`` put in ``template`` as the classification head sees them: a row
-    longer than ``max_len`` keeps its end (the last token is the one classified), an empty one
-    is the end-of-text token. Returns the rows and how many were cut."""
-    rows, truncated = [], 0
-    for ids in tokenizer.encode_batch([template.replace("{text}", t) for t in texts]):
-        if len(ids) > max_len:
-            ids = ids[-max_len:]
-            truncated += 1
-        rows.append(ids or [tokenizer.eot_id])
-    return rows, truncated
 
 
 class ClassifyObjective(Objective):
@@ -114,7 +102,7 @@ class ClassifyObjective(Objective):
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
         if not self.val:
             return {}
-        from ...eval.metrics import classification_report
+        from ...runs.metrics import classification_report
 
         true, pred = self.predict(model)
         rep = classification_report(true, pred, self.labels)

@@ -11,7 +11,7 @@ import torch
 
 from ...data.shards import load_meta, open_split
 from ...errors import ConfigError, DataError
-from ...eval.perplexity import bits_per_byte, token_byte_lengths
+from ...runs.metrics import bits_per_byte, token_byte_lengths
 from ...tokenizer import Tokenizer
 from ..distributed import DistInfo, all_reduce_sum
 from .base import Batch, Objective, eval_batches

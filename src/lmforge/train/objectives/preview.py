@@ -1,7 +1,7 @@
 """``lmforge finetune ... --preview N``: chat SFT examples as the model will see them.
 
 Each example is rendered by the model's chat template and tokenized exactly as training does
-(:func:`~lmforge.train.objectives.sft.tokenize_example`, cut to ``sft.max_length``); the tokens
+(:func:`~lmforge.data.encoding.tokenize_example`, cut to ``sft.max_length``); the tokens
 that carry loss (the ones the model is trained to predict) are marked: green on a terminal,
 between ``⟦`` and ``⟧`` otherwise. Under each example: how many tokens carry loss, and whether
 every assistant turn's end-of-turn token does. A model whose end-of-turn tokens carry no loss
@@ -53,7 +53,7 @@ def assistant_turn_ends(messages: list[dict], tokenizer: Any, template: Any) -> 
     """For each assistant turn: ``(index of its end-of-turn token in the example's ids, whether
     that token is inside the turn's loss-carrying piece)``; the index is None when the turn's
     piece holds no end-of-turn token and the token after the piece is none either."""
-    from .sft import chat_segments
+    from ...data.encoding import chat_segments
 
     eot = end_of_turn_token_ids(tokenizer)
     ends: list[tuple[int | None, bool]] = []
@@ -75,7 +75,7 @@ def assistant_turn_ends(messages: list[dict], tokenizer: Any, template: Any) -> 
 def preview(examples: list[dict], tokenizer: Any, template: Any, *, assistant_only: bool, max_length: int,
             n: int, color: bool = False, total: int | None = None) -> str:
     """The first ``n`` examples, marked, each with its loss summary."""
-    from .sft import tokenize_example
+    from ...data.encoding import tokenize_example
 
     parts = []
     legend = "loss-carrying tokens in green" if color else f"loss-carrying tokens between {OPEN} and {CLOSE}"

@@ -1,12 +1,8 @@
 """Supervised fine-tuning: next-token loss on conversations (through the chat template) or
 prompt/completion pairs, by default on the assistant's / completion's tokens only.
 
-The conversation is rendered once and the assistant turns are located in the text by
-rendering each prefix: ``render(messages[:i], add_generation_prompt=True)`` ends where turn
-``i`` starts and ``render(messages[:i+1])`` where it ends, its end-of-turn marker included
-(so the model learns to stop). The text is tokenized piece by piece at those boundaries,
-which is how generation sees it: the prompt is tokenized up to the assistant header and the
-reply's tokens follow. Pieces outside assistant turns carry no loss (``assistant_only``).
+Examples become token ids and labels in :func:`lmforge.data.encoding.tokenize_example` (shared
+with evaluation's chat loss); pieces outside assistant turns carry no loss (``assistant_only``).
 
 Batches: whole examples, right-padded, with length bucketing (default) or packed: examples
 concatenated into rows of ``max_length`` tokens (no padding; attention crosses example
@@ -22,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ...data.encoding import tokenize_example
 from ...errors import DataError
 from ..distributed import DistInfo, all_reduce_sum
 from .base import Batch, Objective, eval_batches
@@ -39,59 +36,6 @@ class SFTConfig:
     def __post_init__(self) -> None:
         if self.max_length < 2:
             raise ValueError(f"sft.max_length must be at least 2, got {self.max_length}")
-
-
-def _spans_chat(messages: list[dict], template) -> tuple[str, list[tuple[int, int]]]:
-    text = template.render(messages, add_generation_prompt=False)
-    spans = []
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        before = template.render(messages[:i], add_generation_prompt=True)
-        through = template.render(messages[: i + 1], add_generation_prompt=False)
-        if not (text.startswith(before) and text.startswith(through)):
-            raise DataError(
-                "the chat template does not render conversations prefix-consistently, so assistant "
-                "tokens cannot be located; use sft.assistant_only=false"
-            )
-        spans.append((len(before), len(through)))
-    return text, spans
-
-
-def chat_segments(messages: list[dict], tokenizer, template) -> list[tuple[list[int], bool]]:
-    """A conversation's tokens as ``(ids, is an assistant turn)`` pieces, in order: the text
-    rendered by the template, tokenized piece by piece at the assistant turns' boundaries (each
-    assistant piece runs from after its header through its end-of-turn marker)."""
-    text, spans = _spans_chat(messages, template)
-    pieces, pos = [], 0
-    for s, e in [*spans, (len(text), len(text))]:
-        for lo, hi, assistant in ((pos, s, False), (s, e, True)):
-            if hi > lo:
-                pieces.append((tokenizer.encode(text[lo:hi]), assistant))
-        pos = e
-    return pieces
-
-
-def tokenize_example(example: dict, tokenizer, template, assistant_only: bool) -> tuple[list[int], list[int]]:
-    """Token ids and labels (-100 where no loss) of one SFT example."""
-    eot = tokenizer.eot_id
-    if "messages" in example:
-        ids, labels = [], []
-        for piece, assistant in chat_segments(example["messages"], tokenizer, template):
-            ids += piece
-            labels += piece if (assistant or not assistant_only) else [-100] * len(piece)
-        return ids, labels
-    prompt, completion = example["prompt"], example["completion"]
-    p_ids = tokenizer.encode(prompt)
-    full = tokenizer.encode(prompt + completion)
-    # tokenized together (as generation would see it); the completion starts where the prompt's
-    # tokens stop matching
-    k = 0
-    while k < min(len(p_ids), len(full)) and p_ids[k] == full[k]:
-        k += 1
-    ids = full + [eot]
-    labels = [-100] * k + ids[k:] if assistant_only else list(ids)
-    return ids, labels
 
 
 class SFTObjective(Objective):

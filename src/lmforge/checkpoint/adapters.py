@@ -25,13 +25,16 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from ...config import from_dict, to_dict
-from ...errors import LmforgeError
-from ...fileio import atomic_write_json, save_safetensors
-from . import PROJECTIONS, PeftConfig, adapter_state_dict, apply_peft
+from ..config import from_dict, to_dict
+from ..errors import LmforgeError
+from ..fileio import atomic_write_json, save_safetensors
+from ..model.hf_arch import hf_architecture
+from ..model.peft import PROJECTIONS, PeftConfig, adapter_state_dict, apply_peft, projection_slices, resolve_targets
+from ..model.peft.lora import LoRALinear, base_weight
+from .files import ADAPTER_WEIGHTS, resolve_checkpoint
 
 META_FILE = "lmforge_adapter.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
+WEIGHTS_FILE = ADAPTER_WEIGHTS
 PEFT_CONFIG_FILE = "adapter_config.json"
 
 _MINE = re.compile(r"^layers\.(\d+)\.(attn|mlp)\.\w+\.(lora_A|lora_B|lora_magnitude)\.(\w+)$")
@@ -48,10 +51,8 @@ def is_adapter_dir(path: Path) -> bool:
 
 def _family(model) -> str | None:
     """``llama`` or ``gpt2``: the Hugging Face family the model exports to (None: no export)."""
-    from ...io.hf import _hf_architecture
-
     try:
-        arch = _hf_architecture(model.config)
+        arch = hf_architecture(model.config)
     except LmforgeError:
         return None
     return "gpt2" if arch == "GPT2LMHeadModel" else "llama"
@@ -75,8 +76,6 @@ _GPT2 = {"attn.qkv_proj": "attn.c_attn", "attn.o_proj": "attn.c_proj", "mlp.up_p
 
 
 def _lora_layers(model):
-    from .lora import LoRALinear
-
     for name, mod in model.named_modules():
         if isinstance(mod, LoRALinear):
             _, i, block, leaf = name.split(".")
@@ -88,8 +87,6 @@ def to_peft_gpt2(model) -> tuple[dict[str, torch.Tensor], dict[str, int], dict[s
     one LoRA of rank ``slices * r`` on ``c_attn``: the ``A`` matrices stacked, ``B``
     block-diagonal (exact: each output row still sees only its slice's update). Returns the
     tensors and PEFT's ``rank_pattern`` / ``alpha_pattern`` (alpha scaled to keep alpha / r)."""
-    from .lora import base_weight
-
     out: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
@@ -117,8 +114,6 @@ def to_peft_gpt2(model) -> tuple[dict[str, torch.Tensor], dict[str, int], dict[s
 
 def from_peft_gpt2(weights: dict[str, torch.Tensor], model, cfg: PeftConfig) -> dict[str, torch.Tensor]:
     """Undo :func:`to_peft_gpt2` for an adapter lmforge wrote (its slices are in ``cfg``)."""
-    from . import resolve_targets
-
     out = {}
     for (i, path), slices in resolve_targets(model, cfg.target_modules).items():
         key = f"base_model.model.transformer.h.{i}.{_GPT2[path]}"
@@ -150,8 +145,6 @@ def to_peft_names(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def from_peft_names(weights: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
-    from . import projection_slices
-
     table = projection_slices(model)
     out = {}
     for name, t in weights.items():
@@ -268,6 +261,16 @@ def read_adapter_weights(
     return weights
 
 
+def resolve_adapter(path: str | Path) -> Path:
+    """An adapter directory, or a fine-tuning run's newest checkpoint."""
+    adapter_dir = Path(path)
+    if not adapter_dir.is_dir():
+        raise LmforgeError(f"adapter not found: {adapter_dir}")
+    if not is_adapter_dir(adapter_dir) and (adapter_dir / "checkpoints").is_dir():  # a fine-tuning run
+        adapter_dir = resolve_checkpoint(adapter_dir)
+    return adapter_dir
+
+
 def load_adapter(model, adapter_dir: str | Path, *, quantized_base: bool = True):
     """Apply the adapter saved in ``adapter_dir`` to a loaded base ``model`` (in place; returned).
 
@@ -275,13 +278,7 @@ def load_adapter(model, adapter_dir: str | Path, *, quantized_base: bool = True)
     model's (else a clear error naming the differing settings), and every tensor must match
     a slot of the right shape. ``quantized_base=False`` ignores a QLoRA adapter's base
     quantization (for merging into the full-precision base)."""
-    adapter_dir = Path(adapter_dir)
-    if not adapter_dir.is_dir():
-        raise LmforgeError(f"adapter not found: {adapter_dir}")
-    if not is_adapter_dir(adapter_dir) and (adapter_dir / "checkpoints").is_dir():  # a fine-tuning run
-        from ...train.checkpoint import resolve_checkpoint
-
-        adapter_dir = resolve_checkpoint(adapter_dir)
+    adapter_dir = resolve_adapter(adapter_dir)
     meta = read_adapter_meta(adapter_dir)
     base = meta.get("base_model")
     if base is not None:

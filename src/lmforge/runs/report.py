@@ -2,7 +2,7 @@
 
 :func:`write_report` writes ``out_dir/report.md``: a title and date, a summary table, the
 curves drawn from the run's ``metrics.jsonl`` (rows ``{"step", "kind", <metrics>}`` written by
-:class:`lmforge.train.tracking.RunLogger`) into ``out_dir/plots/``, the caller's figures and
+:class:`lmforge.runs.tracking.RunLogger`) into ``out_dir/plots/``, the caller's figures and
 tables, and the run's config as YAML. Every link is relative, so the folder can be moved.
 
 A plot that cannot be drawn never fails the run: the report is written without it and one

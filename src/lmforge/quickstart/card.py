@@ -11,12 +11,13 @@ curves, and each stage's actual config (read from the runs themselves).
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from .config import QuickstartConfig
 
 #: The figures compared, their labels, and whether lower is better.
 COMPARED = (
@@ -102,13 +103,13 @@ def samples_markdown(before: list[dict[str, Any]], after: list[dict[str, Any]], 
     return "\n\n".join(parts)
 
 
-def write_card(out: Path, *, args: argparse.Namespace, clock: Any, plan: Any, dump: dict[str, Any], data: Any,
+def write_card(out: Path, *, cfg: QuickstartConfig, clock: Any, plan: Any, dump: dict[str, Any], data: Any,
                pretrain: dict[str, Any] | None, cpt: dict[str, Any] | None, sft: dict[str, Any],
                before: dict[str, Any], after: dict[str, Any], precision: str) -> dict[str, Any]:
-    from . import hardware
-    from .data.chat_pipeline import accounting, accounting_markdown, masked_pii
-    from .eval.report import write_report
-    from .eval.run import plot_comparison
+    from .. import hardware
+    from ..data.chat_pipeline import accounting, accounting_markdown, masked_pii
+    from ..eval.run import plot_comparison
+    from ..runs.report import write_report
 
     scratch = pretrain is not None
     names = ("pretrained only", "chat SFT") if scratch else ("base", "fine-tuned")
@@ -119,7 +120,7 @@ def write_card(out: Path, *, args: argparse.Namespace, clock: Any, plan: Any, du
     machine = f"{caps.cpu_model}, torch capability {caps.torch_capability}, {caps.cores} cores"
     times = dict(clock.times)
     summary = {
-        "base": args.base,
+        "base": cfg.base,
         "machine": machine,
         "precision": precision,
         "budget_s": clock.budget_s,
@@ -152,7 +153,7 @@ def write_card(out: Path, *, args: argparse.Namespace, clock: Any, plan: Any, du
     stage_rows = "\n".join(f"| {k} | {v:.0f} |" for k, v in times.items())
     tables = [
         ("Is it any good?", f"On {m_after.get('replies')} held-out human conversations (threads the model never saw, "
-         f"each cut before a reply of its own, not a stock phrase), greedy replies of at most {args.reply_tokens} "
+         f"each cut before a reply of its own, not a stock phrase), greedy replies of at most {cfg.reply_tokens} "
          f"tokens: {verdict}.\n\n" + comparison_table(m_before, m_after, names)),
         ("Replies side by side", samples_markdown(_predictions(before), _predictions(after), names)),
         ("Data: every record kept or rejected", "Planted in the dump: " + ", ".join(
@@ -172,11 +173,11 @@ def write_card(out: Path, *, args: argparse.Namespace, clock: Any, plan: Any, du
             figures.append((caption, path))
     links = [f"[{name}]({name}/report.md)" for name in ("pretrain", "cpt", "chat") if (out / name / "report.md").is_file()]
     links += [f"[eval {w}](eval/{w}/report.md)" for w in ("before", "after")]
-    notes = (f"Base: `{args.base}`. Stage reports: {', '.join(links)}. Talk to it: `lmforge chat {out / 'chat'}`; "
+    notes = (f"Base: `{cfg.base}`. Stage reports: {', '.join(links)}. Talk to it: `lmforge chat {out / 'chat'}`; "
              f"serve it: `lmforge serve {out / 'chat'}`. Figures in `summary.json`.")
-    config = {name: cfg for name in ("pretrain", "cpt", "chat") if (cfg := _stage_config(out / name)) is not None}
+    config = {name: c for name in ("pretrain", "cpt", "chat") if (c := _stage_config(out / name)) is not None}
     title = ("lmforge quickstart: a chatbot from scratch" if scratch
-             else f"lmforge quickstart: {args.base} adapted to human conversations")
+             else f"lmforge quickstart: {cfg.base} adapted to human conversations")
     report = write_report(out, title=title, summary={"before": summary["before"], "after": summary["after"],
                                                      "acceptance": checks},
                           figures=figures, tables=tables, notes=notes, config=config)

@@ -1,4 +1,11 @@
-"""Classification metrics: accuracy, precision/recall/F1 (per class, macro, micro, weighted), the
+"""Metrics that training and evaluation both report.
+
+Bits per byte (:func:`bits_per_byte`, :func:`token_byte_lengths`): the summed next-token loss in
+nats / ln 2 / the UTF-8 bytes of the predicted tokens, a tokenizer-independent measure; special
+tokens (document separators) count as zero bytes, as in nanochat. The pretraining objective logs
+it as ``val_bpb``; ``lmforge eval`` perplexity as ``bits_per_byte``.
+
+Classification metrics: accuracy, precision/recall/F1 (per class, macro, micro, weighted), the
 confusion matrix, a PNG of it and a Markdown summary.
 
 The definitions follow scikit-learn's ``classification_report`` / ``f1_score`` with
@@ -10,13 +17,52 @@ micro-F1 equals accuracy. Pure numpy.
 
 from __future__ import annotations
 
+import json
+import math
 import os
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..errors import DataError
+
+
+@lru_cache(maxsize=1)
+def _byte_level_decoder() -> dict[str, int]:
+    """Inverse of GPT-2's bytes_to_unicode table used by byte-level BPE vocabularies."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+def token_byte_lengths(tokenizer) -> np.ndarray:
+    """UTF-8 byte length of every token id of a lmforge Tokenizer (0 for special tokens)."""
+    hf = tokenizer.hf
+    spec = json.loads(hf.to_str())
+    byte_level = (spec.get("decoder") or {}).get("type") == "ByteLevel"
+    specials = set(tokenizer.special_tokens)
+    table = _byte_level_decoder()
+    lengths = np.zeros(tokenizer.vocab_size, dtype=np.int64)
+    for piece, idx in hf.get_vocab(with_added_tokens=True).items():
+        if idx >= len(lengths) or piece in specials:
+            continue
+        if byte_level and all(ch in table for ch in piece):
+            lengths[idx] = len(piece)
+        else:
+            lengths[idx] = len(hf.decode([idx], skip_special_tokens=False).encode("utf-8"))
+    return lengths
+
+
+def bits_per_byte(total_nats: float, total_bytes: int) -> float:
+    return total_nats / math.log(2) / max(1, total_bytes)
 
 
 def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:

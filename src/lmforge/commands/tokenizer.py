@@ -1,4 +1,8 @@
-"""The ``tokenizer train`` stage: documents in, ``<out>/tokenizer.json`` out."""
+"""``lmforge tokenizer train``: documents in, ``<out>/tokenizer.json`` out.
+
+A command (it reads corpora through the data layer's sources), so it lives beside, not inside,
+the tokenizer library: ``TokenizerTrainConfig`` is its recipe stage's typed config, ``run_train``
+its run function."""
 
 from __future__ import annotations
 
@@ -9,9 +13,9 @@ from pathlib import Path
 from typing import Any, Iterator, Literal
 
 from ..data.sources import SourceConfig, no_documents_error
-from .base import DEFAULT_SPECIAL_TOKENS, TOKENIZER_FILE, Tokenizer, normalize_special_tokens
-from .bpe import check_bpe_settings, train_bpe
-from .char import build_char
+from ..tokenizer.base import DEFAULT_SPECIAL_TOKENS, TOKENIZER_FILE, Tokenizer, normalize_special_tokens
+from ..tokenizer.bpe import check_bpe_settings, train_bpe
+from ..tokenizer.char import build_char
 
 
 @dataclass

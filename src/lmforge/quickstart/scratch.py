@@ -16,12 +16,13 @@ The educational path of the quickstart (a model's whole life on one machine):
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
 from pathlib import Path
 from typing import Any
+
+from .config import PRETRAIN_RECIPE, QuickstartConfig
 
 #: Candidate shapes, largest first: (layers, width, heads, KV heads).
 SHAPES = ((6, 256, 8, 2), (4, 192, 6, 2), (4, 128, 4, 2), (2, 128, 4, 2), (2, 64, 4, 2))
@@ -33,7 +34,7 @@ SCRATCH_MAX_STEPS = 5000  # the cap train.max_minutes plans under
 
 def build_corpus(out: Path, conversations: Path) -> tuple[Path, int]:
     """Tiny Shakespeare (one document) and every conversation as plain text (one document each)."""
-    from .paths import embedded_data_dir
+    from ..paths import embedded_data_dir
 
     out.parent.mkdir(parents=True, exist_ok=True)
     n = 0
@@ -53,10 +54,10 @@ def step_seconds(cfg: Any, train: Any, steps: int = 3) -> float:
     run's batch, timed after one untimed step."""
     import torch
 
-    from . import hardware
-    from .model.gpt import GPT
-    from .train.engine import autocast_dtype
-    from .train.optim import build_optimizer
+    from .. import hardware
+    from ..model.gpt import GPT
+    from ..train.engine import autocast_dtype
+    from ..train.optim import build_optimizer
 
     torch.manual_seed(0)
     model = GPT(cfg)
@@ -81,8 +82,8 @@ def choose_shape(pcfg: Any, seconds: float) -> tuple[tuple[int, int, int, int], 
     timed step of the recipe's shape; returns it and the measurements behind the choice."""
     from dataclasses import replace
 
-    from .model.gpt import GPT
-    from .train.pretrain import model_config_for_data
+    from ..model.gpt import GPT
+    from ..train.pretrain import model_config_for_data
 
     base = model_config_for_data(pcfg)
     measured = step_seconds(base, pcfg.train) * max(1, pcfg.train.grad_accum)
@@ -102,21 +103,21 @@ def choose_shape(pcfg: Any, seconds: float) -> tuple[tuple[int, int, int, int], 
                     "candidates": rows, "budget_s": seconds}
 
 
-def pretrain_scratch(out: Path, conversations: Path, args: argparse.Namespace, clock: Any) -> dict[str, Any]:
-    from .config import load_config, to_dict
-    from .data.prepare import DataPrepareConfig, run_prepare
-    from .quickstart_plan import scratch_pretrain_seconds
-    from .tokenizer.train import TokenizerTrainConfig, run_train
-    from .train.pretrain import PretrainConfig, run_pretrain
+def pretrain_scratch(out: Path, conversations: Path, cfg: QuickstartConfig, clock: Any) -> dict[str, Any]:
+    from ..config import load_config, to_dict
+    from ..data.prepare import DataPrepareConfig, run_prepare
+    from .plan import scratch_pretrain_seconds
+    from ..commands.tokenizer import TokenizerTrainConfig, run_train
+    from ..train.pretrain import PretrainConfig, run_pretrain
 
     corpus, n = build_corpus(out / "corpus" / "corpus.jsonl", conversations)
-    run_train(TokenizerTrainConfig(inputs=[str(corpus)], kind="bpe", vocab_size=args.vocab_size, out=str(out / "tokenizer")))
+    run_train(TokenizerTrainConfig(inputs=[str(corpus)], kind="bpe", vocab_size=cfg.vocab_size, out=str(out / "tokenizer")))
     run_prepare(DataPrepareConfig(inputs=[str(corpus)], tokenizer=str(out / "tokenizer"), out=str(out / "shards"),
                                   val_fraction=0.05, val_split="document"))
     seconds = scratch_pretrain_seconds(clock)
     settings = [f"data={out / 'shards'}", f"out_dir={out / 'pretrain'}", "overwrite=true"]
-    probe = load_config(PretrainConfig, "pretrain", PRETRAIN_RECIPE, settings + list(args.overrides))
-    user_shape = any(o.split("=")[0] in ("model.n_layer", "model.n_embd", "model.preset") for o in args.overrides)
+    probe = load_config(PretrainConfig, "pretrain", PRETRAIN_RECIPE, settings + list(cfg.overrides))
+    user_shape = any(o.split("=")[0] in ("model.n_layer", "model.n_embd", "model.preset") for o in cfg.overrides)
     sizing: dict[str, Any] = {"chosen": "set by the overrides"}
     if not user_shape:
         (n_layer, n_embd, n_head, n_kv), sizing = choose_shape(probe, seconds)
@@ -127,10 +128,8 @@ def pretrain_scratch(out: Path, conversations: Path, args: argparse.Namespace, c
               f"{sizing['measured_step_s'] * 1e3:.0f} ms; {MIN_STEPS}+ steps wanted in {seconds / 60:.1f} min; "
               + ", ".join(f"{r['shape']}: {r['predicted_steps']:,} steps" for r in sizing["candidates"]) + ")", flush=True)
     settings += [f"train.max_minutes={seconds / 60:.4f}", f"train.max_steps={SCRATCH_MAX_STEPS}"]
-    pcfg = load_config(PretrainConfig, "pretrain", PRETRAIN_RECIPE, settings + list(args.overrides))
+    pcfg = load_config(PretrainConfig, "pretrain", PRETRAIN_RECIPE, settings + list(cfg.overrides))
     fit = run_pretrain(pcfg)
     return {"run": str(out / "pretrain"), "fit": to_dict(fit), "sizing": sizing, "conversations": n,
             "budget_s": seconds}
 
-
-PRETRAIN_RECIPE = "quickstart"

@@ -1,6 +1,6 @@
 """Run logging: console progress bar, metrics.jsonl, TensorBoard, and W&B when configured.
 
-The curves are drawn at the end of a run into its report card (:mod:`lmforge.eval.report`).
+The curves are drawn at the end of a run into its report card (:mod:`lmforge.runs.report`).
 
 A resumed run first cuts ``metrics.jsonl`` back to the checkpoint's step (:func:`trim_metrics`:
 the rows logged after it are logged again by the resumed run; before, the file held them
