@@ -18,6 +18,10 @@ import torch
 
 # Measured kernel rates (lmforge.hardware) go to a cache of this session, not the user's.
 os.environ["LMFORGE_CACHE"] = tempfile.mkdtemp(prefix="lmforge-test-cache-")
+# torch.compile's kernels go to a cache of this session too: inductor's cache key ignores
+# ATEN_CPU_CAPABILITY, and kernels another run compiled under another kernel level crashed the
+# compiled test (lmforge.hardware.isolate_compile_cache).
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="lmforge-test-inductor-")
 # Commands run in-process pick their threads with lmforge.hardware.cpu_threads: one, as below.
 os.environ["LMFORGE_THREADS"] = "1"
 

@@ -4,6 +4,7 @@ no code path picks bf16 on a CPU without native bf16 unless asked; `lmforge env`
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -341,3 +342,31 @@ def test_load_watcher_leaves_busy_cores_to_other_processes(monkeypatch) -> None:
     fixed = hardware.LoadWatcher(0, caps)
     window(busy=20.0, own=0.0)
     assert fixed.fixed and fixed.threads() == 2
+
+
+def test_compile_cache_is_keyed_by_the_kernel_level(monkeypatch) -> None:
+    """Kernels compiled under ATEN_CPU_CAPABILITY=avx2 and loaded without it crashed the process:
+    a capped kernel level gets an inductor cache directory of its own; a user's own choice and
+    the uncapped default stay as they are."""
+    from lmforge.hardware import isolate_compile_cache
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        monkeypatch.delenv(k, raising=False)
+    assert isolate_compile_cache() is None and "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    path = isolate_compile_cache()
+    assert path is not None and os.environ["TORCHINDUCTOR_CACHE_DIR"] == path
+    assert "ATEN_CPU_CAPABILITY_avx2" in path and "ONEDNN_MAX_CPU_ISA_AVX2" in path
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "default")
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    assert isolate_compile_cache() is None  # the variable is set now: the user's (or our) choice stays
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    other = isolate_compile_cache()
+    assert other is not None and other != path
+    # torch writes its default into the variable when it first looks: that is not a choice
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
+    assert isolate_compile_cache() == other

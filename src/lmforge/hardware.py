@@ -30,6 +30,7 @@ import json
 import math
 import os
 import platform
+import re
 import time
 import warnings
 from collections.abc import Iterator
@@ -603,6 +604,36 @@ def gemm_dtype(caps: Capabilities | None = None) -> torch.dtype:
     training): bf16 where bf16 is fast, else fp32 (the weights are dequantized to it)."""
     caps = caps or probe()
     return torch.bfloat16 if caps.fast_bf16_cpu() else torch.float32
+
+
+#: The variables that cap which CPU kernels torch and oneDNN run, and so what TorchInductor
+#: generates code for.
+ISA_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
+
+
+def isolate_compile_cache() -> str | None:
+    """Give ``torch.compile`` a cache directory of its own when the kernel level is capped
+    (``ATEN_CPU_CAPABILITY=avx2`` ...), unless ``TORCHINDUCTOR_CACHE_DIR`` is already set.
+
+    torch 2.13's inductor cache key ignores these variables: kernels compiled under
+    ``ATEN_CPU_CAPABILITY=avx2`` and then loaded without it (the same machine, the same cache
+    directory) crashed the process with a segmentation fault inside the compiled step
+    (reproduced with tests/test_engine.py::test_torch_compile_trains_like_eager). Returns the
+    directory chosen, or None where nothing was changed."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    # torch writes its default into the variable the first time it looks (cache_dir()), so
+    # only a value other than the default is someone's choice
+    if chosen and os.path.abspath(chosen) != os.path.abspath(default_cache_dir()):
+        return None
+    capped = sorted((k, os.environ[k]) for k in ISA_ENV if os.environ.get(k))
+    if not capped:
+        return None
+    tag = "-".join(re.sub(r"[^A-Za-z0-9_.]", "_", f"{k}_{v}") for k, v in capped)
+    path = f"{default_cache_dir()}-{tag}"
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
+    return path
 
 
 def newton_schulz_dtype(device: str | torch.device, caps: Capabilities | None = None) -> torch.dtype:

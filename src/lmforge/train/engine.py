@@ -227,6 +227,8 @@ class Engine:
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
         # Evaluation runs the (compiled) module without the DDP wrapper: ranks may get uneven
         # numbers of eval batches, and DDP's forward may issue collectives (buffer broadcasts).
+        if cfg.compile:
+            hardware.isolate_compile_cache()
         self.eval_model: torch.nn.Module = torch.compile(self.model) if cfg.compile else self.model
         self.forward_model = self.eval_model
         if self.dist.enabled and not self.sharded:
