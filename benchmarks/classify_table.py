@@ -10,7 +10,6 @@ Writes benchmarks/results/classify_<task>.json and prints a markdown table (kept
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 from record import write_results  # noqa: E402  (benchmarks/record.py: the machine with every result)

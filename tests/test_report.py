@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import TINY_PRETRAIN, save_tiny_llama
+from conftest import save_tiny_llama
 
 from lmforge.cli import main
 from lmforge.runs import report as report_mod

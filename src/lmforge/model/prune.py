@@ -41,9 +41,7 @@ records what was done under ``"pruning"`` (a list, one entry per pruning).
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import torch

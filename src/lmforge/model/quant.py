@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import torch
