@@ -44,11 +44,13 @@ import torch
 from .errors import ConfigError
 from .fileio import atomic_write_json
 
+#: The variables that cap which CPU kernels torch and oneDNN run, and so what TorchInductor
+#: generates code for.
+ISA_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
 #: Environment variables that change which kernels torch runs (so they key the rate cache).
 #: MKL_ENABLE_INSTRUCTIONS caps MKL, which runs torch's fp32 GEMMs: measured on one core of the
 #: Intel AMX host, 512^3 fp32 at 190 GFLOP/s, and 120 with MKL_ENABLE_INSTRUCTIONS=AVX2.
-KERNEL_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ONEDNN_DEFAULT_FPMATH_MODE",
-              "MKL_ENABLE_INSTRUCTIONS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+KERNEL_ENV = (*ISA_ENV, "ONEDNN_DEFAULT_FPMATH_MODE", "MKL_ENABLE_INSTRUCTIONS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 #: /proc/cpuinfo flags (x86 "flags", ARM "Features") -> the names this module reports.
 _ISA_NAMES = {
@@ -604,11 +606,6 @@ def gemm_dtype(caps: Capabilities | None = None) -> torch.dtype:
     training): bf16 where bf16 is fast, else fp32 (the weights are dequantized to it)."""
     caps = caps or probe()
     return torch.bfloat16 if caps.fast_bf16_cpu() else torch.float32
-
-
-#: The variables that cap which CPU kernels torch and oneDNN run, and so what TorchInductor
-#: generates code for.
-ISA_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
 
 
 def isolate_compile_cache() -> str | None:

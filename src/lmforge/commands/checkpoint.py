@@ -7,7 +7,6 @@ model/, which knows nothing of files.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -146,6 +145,7 @@ def prune_and_recover(
         raise ConfigError(f"--recover-steps must be positive, got {recover_steps}")
     refuse_existing(out, overwrite)
     from ..config import load_config
+    from ..runs.report import read_metrics
     from ..train.pretrain import PretrainConfig, run_pretrain
 
     defaults = [
@@ -164,7 +164,7 @@ def prune_and_recover(
         src, out / "pruned", method, ratio, calib_data=calib_data or recover_data, overwrite=overwrite, **prune_kwargs
     )
     result = run_pretrain(cfg)
-    evals = _eval_rows(out)
+    evals = [r for r in read_metrics(out / "metrics.jsonl") if r.get("kind") == "eval"]
     summary = {
         "checkpoint": result.checkpoint,
         "pruned_checkpoint": str(path),
@@ -178,14 +178,6 @@ def prune_and_recover(
     }
     atomic_write_json(out / "prune_report.json", summary)
     return summary
-
-
-def _eval_rows(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return [r for r in rows if r.get("kind") == "eval"]
 
 
 def calibration_batches(

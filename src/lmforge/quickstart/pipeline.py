@@ -47,9 +47,9 @@ def split_heldout(val: Path, n: int, out: Path, train: Path | None = None, seed:
 
     rows = [line for line in val.read_text(encoding="utf-8").splitlines() if line.strip()]
     convs = [json.loads(r)["messages"] for r in rows]
-    texts = Counter(_norm(m["content"]) for path in ([train] if train else []) + [val]
-                    for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
-                    for m in json.loads(line)["messages"] if m["role"] == "assistant")
+    train_convs = ([json.loads(line)["messages"] for line in train.read_text(encoding="utf-8").splitlines()
+                    if line.strip()] if train else [])
+    texts = Counter(_norm(m["content"]) for msgs in train_convs + convs for m in msgs if m["role"] == "assistant")
     rng = random.Random(f"heldout:{seed}")
     order = rng.sample(range(len(rows)), len(rows))
     picked: list[tuple[int, list[dict]]] = []

@@ -28,6 +28,7 @@ from ..config import to_dict
 from ..data.examples import ExampleFormat
 from ..errors import ConfigError
 from ..model.peft import PeftConfig, apply_peft, store_frozen_in, trainable_summary
+from ..runs.report import read_metrics
 from ..runs.tracking import LogConfig
 from .engine import Engine, TrainConfig, autocast_dtype, check_parallel, resolve_train_precision
 from .hooks import EngineHook, peft_hooks
@@ -111,7 +112,7 @@ def _load_conversations(cfg: AdversarialRunConfig) -> tuple[list[dict], list[dic
 
 def plot_adversarial(metrics_file: Path, out_png: Path) -> Path | None:
     """Discriminator accuracy, reward, KL, held-out NLL and distinct-n against step."""
-    rows = [json.loads(line) for line in metrics_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = read_metrics(metrics_file)
     ev = [r for r in rows if r.get("kind") == "eval" and "disc_acc" in r]
     tr = [r for r in rows if r.get("kind") == "train"]
     if not ev and not tr:
@@ -219,9 +220,7 @@ def run_adversarial(cfg: AdversarialRunConfig, resume: bool = False) -> dict[str
     pre_s = time.perf_counter() - t0
     result = engine.fit()
     wall = time.perf_counter() - t0
-    evals = []
-    if (out / "metrics.jsonl").is_file():
-        evals = [r for line in (out / "metrics.jsonl").read_text().splitlines() if (r := json.loads(line)).get("kind") == "eval"]
+    evals = [r for r in read_metrics(out / "metrics.jsonl") if r.get("kind") == "eval"]
     summary: dict[str, Any] = {
         "objective": "adversarial",
         "algorithm": cfg.adversarial.algorithm,
